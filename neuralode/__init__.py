@@ -1,0 +1,19 @@
+"""neuralode: the small, tested library behind the Neural ODE book.
+
+The public API, re-exported here and nothing else.
+"""
+
+from . import data, exercises, nets, plotting, training
+from ._odeint import METHODS, SolverStats, odeint
+from ._tableaus import TABLEAUS, ButcherTableau
+from .nets import Augment, ConcatLinear, MLPDynamics, ODEBlock
+from .training import PROFILES, default_device, resolve_profile, seed_everything
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "odeint", "METHODS", "SolverStats", "ButcherTableau", "TABLEAUS",
+    "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment",
+    "PROFILES", "resolve_profile", "default_device", "seed_everything",
+    "data", "exercises", "nets", "plotting", "training",
+]

@@ -1,0 +1,219 @@
+"""The front door: :func:`odeint` validates its input, flattens tuple states and runs the engine."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Callable, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _rk
+from ._rk import SolverStats
+from ._tableaus import TABLEAUS
+
+__all__ = ["odeint", "METHODS", "SolverStats"]
+
+#: Names accepted by ``odeint(method=...)``.
+METHODS: Tuple[str, ...] = tuple(TABLEAUS)
+
+State = Union[Tensor, Tuple[Tensor, ...]]
+
+
+def _check_state(y0) -> Tuple[Tensor, ...]:
+    is_tuple = isinstance(y0, (tuple, list))
+    parts = tuple(y0) if is_tuple else (y0,)
+    if is_tuple and not parts:
+        raise ValueError("odeint: y0 is an empty tuple; pass a tensor or a non-empty tuple of tensors.")
+    for i, part in enumerate(parts):
+        name = f"y0[{i}]" if is_tuple else "y0"
+        if not isinstance(part, Tensor):
+            raise TypeError(f"odeint: {name} must be a torch.Tensor, got {type(part).__name__}; "
+                            "wrap numbers with torch.tensor(..., dtype=torch.float64).")
+        if not part.is_floating_point():
+            raise TypeError(f"odeint: {name} has dtype {part.dtype}, but the state must be floating point; "
+                            f"convert it, e.g. {name}.to(torch.float32).")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], start=1):
+        if part.dtype != first.dtype or part.device != first.device:
+            raise ValueError(f"odeint: every tensor of a tuple state must share y0[0]'s dtype and device "
+                             f"({first.dtype}, {first.device}); y0[{i}] is {part.dtype} on {part.device}.")
+    return parts
+
+
+def _check_times(t) -> list:
+    if isinstance(t, Tensor):
+        if t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"odeint: t must hold real numbers, got dtype {t.dtype}.")
+        times = t.detach().to("cpu", torch.float64)
+    else:
+        try:
+            times = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"odeint: t must be a 1-D tensor or sequence of numbers ({exc}).") from None
+    if times.dim() != 1 or times.numel() == 0:
+        raise ValueError(f"odeint: t must be 1-D with at least one time, got shape {tuple(times.shape)}.")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("odeint: t contains NaN or inf; give finite output times.")
+    times = times.tolist()
+    if len(times) > 1:
+        steps = [b - a for a, b in zip(times[:-1], times[1:])]
+        if not (all(s > 0 for s in steps) or all(s < 0 for s in steps)):
+            bad = next(i for i, s in enumerate(steps) if (s > 0) != (steps[0] > 0) or s == 0)
+            raise ValueError(
+                "odeint: t must be strictly increasing or strictly decreasing; "
+                f"t[{bad}]={times[bad]:.6g} and t[{bad + 1}]={times[bad + 1]:.6g} break the order. "
+                "Sort the times (and drop duplicates)."
+            )
+    return times
+
+
+def _check_options(method: str, options: Optional[dict]) -> dict:
+    defaults = _rk.ADAPTIVE_OPTIONS if TABLEAUS[method].adaptive else _rk.FIXED_OPTIONS
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise TypeError(f"odeint: options must be a dict, got {type(options).__name__}.")
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"odeint: unknown option(s) {unknown} for method {method!r}; "
+                         f"valid options are {sorted(defaults)}.")
+    merged = {**defaults, **options}
+    for key, value in merged.items():
+        if value is None:
+            continue
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
+            raise TypeError(f"odeint: options[{key!r}] must be a real number, got {value!r}.")
+        if key in ("step_size", "first_step", "max_step", "max_num_steps", "safety", "ifactor") and value <= 0:
+            raise ValueError(f"odeint: options[{key!r}] must be positive, got {value!r}.")
+        if key == "min_step" and value < 0:
+            raise ValueError(f"odeint: options['min_step'] must be >= 0, got {value!r}.")
+        if key == "dfactor" and not 0 < value <= 1:
+            raise ValueError(f"odeint: options['dfactor'] must lie in (0, 1], got {value!r}.")
+    if merged.get("step_size") is not None and not math.isfinite(merged["step_size"]):
+        raise ValueError("odeint: options['step_size'] must be finite.")
+    return merged
+
+
+def _check_tolerance(name: str, value) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"odeint: {name} must be a real number, got {type(value).__name__}.")
+    if not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"odeint: {name} must be a finite number >= 0, got {value!r}.")
+    return float(value)
+
+
+def odeint(
+    func: Callable[[Tensor, State], State],
+    y0: State,
+    t: Union[Tensor, Sequence[float]],
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    options: Optional[dict] = None,
+    return_stats: bool = False,
+):
+    r"""Solve the initial value problem :math:`\dot y = f(t, y)`, :math:`y(t_0) = y_0`.
+
+    The solution is :math:`y(t_i) = y_0 + \int_{t_0}^{t_i} f(s, y(s))\, ds`, reported at every
+    time in ``t``; the call mirrors torchdiffeq's ``odeint`` so code moves between the two.
+    Gradients flow through the solver's operations (backpropagation through the solver).
+
+    Args:
+        func: the dynamics, ``func(t, y)``; ``t`` is a 0-d tensor with ``y``'s dtype and device,
+            ``y`` has ``y0``'s structure and shapes, and the result must too.
+        y0: the initial state at ``t[0]``: a floating-point tensor of any shape ``(*S)``, or a
+            tuple of such tensors (same dtype and device).
+        t: output times, shape ``(T,)``, strictly increasing or strictly decreasing (integrate
+            backwards in time). ``t[0]`` is the initial time.
+        method: one of :data:`METHODS`: fixed-step ``"euler"`` (order 1), ``"midpoint"`` (2),
+            ``"rk4"`` (4); adaptive ``"dopri5"`` (Dormand-Prince 5(4), the default).
+        rtol, atol: relative and absolute tolerances of the adaptive methods: a step is accepted
+            when the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1.
+        options: fixed-step methods: ``step_size`` (default: step exactly between the times in
+            ``t``; outputs inside a step come from cubic Hermite interpolation). Adaptive
+            methods: ``first_step`` (default: Hairer's automatic choice), ``max_step``,
+            ``min_step``, ``max_num_steps`` (default 10 000), ``safety`` (0.9), ``ifactor``
+            (10), ``dfactor`` (0.2).
+        return_stats: also return a :class:`SolverStats` (function evaluations, accepted and
+            rejected steps, step times).
+
+    Returns:
+        ``ys`` of shape ``(T, *S)`` (a tuple of such for a tuple ``y0``), with ``ys[0] == y0``;
+        ``(ys, stats)`` when ``return_stats`` is true.
+
+    Raises:
+        TypeError, ValueError: for bad arguments, naming the argument and the fix.
+        RuntimeError: when the step size underflows or ``max_num_steps`` is exhausted.
+        FloatingPointError: when the solution becomes NaN or inf.
+    """
+    if not callable(func):
+        raise TypeError(f"odeint: func must be callable as func(t, y), got {type(func).__name__}.")
+    if not isinstance(method, str) or method not in TABLEAUS:
+        raise ValueError(f"odeint: unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+    is_tuple = isinstance(y0, (tuple, list))
+    parts = _check_state(y0)
+    times = _check_times(t)
+    rtol = _check_tolerance("rtol", rtol)
+    atol = _check_tolerance("atol", atol)
+    if TABLEAUS[method].adaptive and rtol == 0 and atol == 0:
+        raise ValueError("odeint: rtol and atol cannot both be 0 for an adaptive method.")
+    options = _check_options(method, options)
+
+    dtype, device = parts[0].dtype, parts[0].device
+    shapes = [p.shape for p in parts]
+    stats = SolverStats()
+
+    if is_tuple:
+        sizes = [p.numel() for p in parts]
+
+        def unflatten(y: Tensor) -> Tuple[Tensor, ...]:
+            return tuple(chunk.view(shape) for chunk, shape in zip(torch.split(y, sizes), shapes))
+
+        def flatten(ys: Sequence[Tensor]) -> Tensor:
+            return torch.cat([y.reshape(-1) for y in ys])
+
+        def norm(x: Tensor) -> Tensor:  # each part on its own scale: the worst part decides
+            return torch.stack([_rk.rms_norm(c) for c in torch.split(x, sizes)]).max()
+
+        y_start = flatten(parts)
+    else:
+        norm = _rk.rms_norm
+        y_start = parts[0]
+
+    def dynamics(s: float, y: Tensor) -> Tensor:
+        stats.nfe += 1
+        t_tensor = torch.full((), s, dtype=dtype, device=device)
+        if not is_tuple:
+            out = func(t_tensor, y)
+            _check_output(out, 0, shapes[0], dtype, False)
+            return out
+        outs = func(t_tensor, unflatten(y))
+        if not isinstance(outs, (tuple, list)) or len(outs) != len(parts):
+            raise ValueError(f"odeint: y0 is a tuple of {len(parts)} tensors, so func must return a "
+                             f"tuple of {len(parts)} tensors, got {type(outs).__name__}.")
+        for i, (out, shape) in enumerate(zip(outs, shapes)):
+            _check_output(out, i, shape, dtype, True)
+        return flatten(outs)
+
+    ys = _rk.solve(dynamics, y_start, times, TABLEAUS[method], rtol=rtol, atol=atol, norm=norm,
+                   options=options, stats=stats)
+    if is_tuple:
+        per_time = [unflatten(y) for y in ys]
+        result = tuple(torch.stack([pt[i] for pt in per_time]) for i in range(len(parts)))
+    else:
+        result = torch.stack(ys)
+    return (result, stats) if return_stats else result
+
+
+def _check_output(out, index: int, shape, dtype, is_tuple: bool) -> None:
+    name = f"func(t, y)[{index}]" if is_tuple else "func(t, y)"
+    if not isinstance(out, Tensor):
+        raise TypeError(f"odeint: {name} must return a tensor, got {type(out).__name__}.")
+    if out.shape != shape:
+        raise ValueError(f"odeint: {name} returned shape {tuple(out.shape)}, but the state has shape "
+                         f"{tuple(shape)}; the dynamics must return dy/dt with the state's shape.")
+    if out.dtype != dtype:
+        raise TypeError(f"odeint: {name} returned dtype {out.dtype}, but the state is {dtype}; "
+                        "keep the dynamics in the state's dtype (e.g. call .to(y.dtype) on parameters).")

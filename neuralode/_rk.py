@@ -1,0 +1,317 @@
+"""The one explicit Runge-Kutta engine behind :func:`neuralode.odeint`.
+
+Every method is a :class:`~neuralode._tableaus.ButcherTableau`; this module turns a tableau into
+steps. It works on a single tensor state ``y`` (the front door flattens tuple states) and on a
+time kept as a Python float (float64), whatever the state's dtype: step-size control happens on
+the host, and the only host-device synchronisation per step is reading the scalar error ratio
+that decides accept or reject.
+
+References: Hairer, Norsett & Wanner, *Solving Ordinary Differential Equations I* (2nd ed.,
+1993), section II.4 (error norm, automatic first step, step-size controller) and II.6 (dense
+output).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._tableaus import ButcherTableau
+
+__all__ = ["SolverStats", "solve", "rms_norm", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS"]
+
+# ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
+Dynamics = Callable[[float, Tensor], Tensor]
+Norm = Callable[[Tensor], Tensor]
+
+#: Options accepted by the fixed-step methods, with their defaults.
+FIXED_OPTIONS = {"step_size": None}
+#: Options accepted by the adaptive methods, with their defaults.
+ADAPTIVE_OPTIONS = {
+    "first_step": None,  # None: Hairer's automatic choice
+    "max_step": math.inf,
+    "min_step": 0.0,
+    "max_num_steps": 10_000,  # accepted + rejected; a solve that cannot finish fails fast
+    "safety": 0.9,
+    "ifactor": 10.0,  # largest growth of h in one step
+    "dfactor": 0.2,  # largest shrink of h in one step
+}
+
+_EPS = sys.float_info.epsilon
+
+
+@dataclass
+class SolverStats:
+    """What a solve cost, counted by the engine (the user's function is not wrapped).
+
+    Attributes:
+        nfe: number of evaluations of the dynamics ``func``.
+        n_accepted: accepted steps.
+        n_rejected: rejected steps (adaptive methods only).
+        step_times: the end time of every accepted step, in order.
+    """
+
+    nfe: int = 0
+    n_accepted: int = 0
+    n_rejected: int = 0
+    step_times: List[float] = field(default_factory=list)
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root-mean-square of all entries: ``sqrt(mean(x**2))`` (HNW II.4, eq. 4.11)."""
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def _combine(y: Optional[Tensor], h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    """``y + h * sum_j weights[j] * ks[j]`` (``y`` may be None), skipping zero weights."""
+    out = y
+    fresh = False  # may we update ``out`` in place? Only once it is a tensor we created.
+    for w, k in zip(weights, ks):
+        if w == 0.0:
+            continue
+        if out is None:
+            out = k * (h * w)
+            fresh = True
+        elif fresh:
+            out.add_(k, alpha=h * w)
+        else:
+            out = torch.add(out, k, alpha=h * w)
+            fresh = True
+    if out is None:
+        out = torch.zeros_like(ks[0])
+    return out
+
+
+class _Method:
+    """A tableau with its coefficients as Python floats, ready for stepping."""
+
+    def __init__(self, tableau: ButcherTableau):
+        self.tableau = tableau
+        self.c = [float(x) for x in tableau.c]
+        self.a = [[float(x) for x in row] for row in tableau.a]
+        self.b = [float(x) for x in tableau.b]
+        self.b_error = None if tableau.b_error is None else [float(x) for x in tableau.b_error]
+        self.c_mid = None if tableau.c_mid is None else [float(x) for x in tableau.c_mid]
+        self.fsal = tableau.fsal
+
+    def step(self, func: Dynamics, t: float, y: Tensor, f0: Tensor, h: float):
+        """One step of size ``h`` (signed). Returns ``(y1, ks)``; with FSAL ``ks[-1] = f(t+h, y1)``."""
+        ks = [f0]
+        yi = y
+        for ci, row in zip(self.c[1:], self.a):
+            yi = _combine(y, h, row, ks)
+            ks.append(func(t + ci * h, yi))
+        y1 = yi if self.fsal else _combine(y, h, self.b, ks)
+        return y1, ks
+
+    def interpolant(self, y0: Tensor, y1: Tensor, f0: Tensor, f1: Tensor, h: float, ks) -> List[Tensor]:
+        """Coefficients ``[p0, p1, ...]`` of ``y(t0 + theta h) ~ sum_m p_m theta^m`` on one step.
+
+        With midpoint weights (dopri5) it is the quartic through ``y0, y_mid, y1`` with slopes
+        ``f0, f1`` at the ends (fourth order); otherwise the cubic Hermite interpolant (third
+        order) from the end values and slopes.
+        """
+        hf0, hf1 = h * f0, h * f1
+        if self.c_mid is not None:
+            ym = _combine(y0, h, self.c_mid, ks)
+            c2 = -4 * hf0 + hf1 - 11 * y0 - 5 * y1 + 16 * ym
+            c3 = 5 * hf0 - 3 * hf1 + 18 * y0 + 14 * y1 - 32 * ym
+            c4 = -2 * hf0 + 2 * hf1 - 8 * y0 - 8 * y1 + 16 * ym
+            return [y0, hf0, c2, c3, c4]
+        dy = y1 - y0
+        return [y0, hf0, 3 * dy - 2 * hf0 - hf1, hf0 + hf1 - 2 * dy]
+
+
+def _horner(coeffs: Sequence[Tensor], theta: float) -> Tensor:
+    out = coeffs[-1]
+    for c in reversed(coeffs[:-1]):
+        out = torch.add(c, out, alpha=theta)
+    return out
+
+
+def _check_finite(y: Tensor, what: str, t: float) -> None:
+    if not bool(torch.isfinite(y).all()):
+        raise FloatingPointError(
+            f"odeint: the {what} became non-finite (NaN or inf) at t={t:.6g}. Check the dynamics "
+            "for overflow or division by zero, or use a smaller step size / tighter tolerance."
+        )
+
+
+def _fixed_grid(t0: float, t1: float, step_size: Optional[float], t_out: Sequence[float]) -> List[float]:
+    if step_size is None:
+        return list(t_out)
+    span = abs(t1 - t0)
+    direction = 1.0 if t1 >= t0 else -1.0
+    n = max(1, math.ceil(span / step_size - 1e-9))
+    return [t0 + direction * i * step_size for i in range(n)] + [t1]
+
+
+def _solve_fixed(func, y0, t_out, method: _Method, options, stats: SolverStats) -> List[Tensor]:
+    grid = _fixed_grid(t_out[0], t_out[-1], options["step_size"], t_out)
+    direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
+    outputs = [y0]
+    j = 1
+    t, y, f = grid[0], y0, None
+    # One flag per step, kept on the device: the host looks only when an output is not finite,
+    # so a fixed-step solve synchronises once per output time, not once per step.
+    finite = []
+    for t1 in grid[1:]:
+        h = t1 - t
+        if f is None:
+            f = func(t, y)
+        y1, ks = method.step(func, t, y, f, h)
+        f1 = ks[-1] if method.fsal else None
+        with torch.no_grad():
+            finite.append(torch.isfinite(y1).all())
+        while j < len(t_out) and (t_out[j] - t1) * direction <= 0:
+            if t_out[j] == t1:
+                out = y1
+            else:  # an output inside the step: Hermite interpolation needs the end slope
+                if f1 is None:
+                    f1 = func(t1, y1)
+                out = _horner(method.interpolant(y, y1, f, f1, h, ks), (t_out[j] - t) / h)
+            if not bool(torch.isfinite(out).all()):
+                bad = torch.stack(finite).logical_not().nonzero().flatten().tolist()
+                _check_finite(out, "solution", grid[bad[0] + 1] if bad else t_out[j])
+            outputs.append(out)
+            j += 1
+        stats.n_accepted += 1
+        stats.step_times.append(t1)
+        t, y, f = t1, y1, f1
+    return outputs
+
+
+def _initial_step(func, t0, y0, f0, direction, order, rtol, atol, norm) -> float:
+    """Hairer's starting step size (HNW II.4, "Automatic step size control", steps a-f)."""
+    scale = atol + rtol * y0.abs()
+    d0, d1 = torch.stack([norm(y0 / scale), norm(f0 / scale)]).tolist()
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    f1 = func(t0 + direction * h0, y0 + (direction * h0) * f0)
+    d2 = float(norm((f1 - f0) / scale)) / h0
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    return min(100 * h0, h1)
+
+
+def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, options, stats) -> List[Tensor]:
+    t0, t_end = t_out[0], t_out[-1]
+    direction = 1.0 if t_end >= t0 else -1.0
+    tab = method.tableau
+    exponent = 1.0 / (min(tab.order, tab.error_order) + 1)
+    safety, ifactor, dfactor = options["safety"], options["ifactor"], options["dfactor"]
+    max_step, min_step, max_num_steps = options["max_step"], options["min_step"], options["max_num_steps"]
+
+    f0 = func(t0, y0)
+    _check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
+    if options["first_step"] is not None:
+        h = float(options["first_step"])
+    else:
+        with torch.no_grad():
+            h = _initial_step(func, t0, y0.detach(), f0.detach(), direction, tab.order, rtol, atol, norm)
+
+    outputs = [y0]
+    j = 1
+    t, y = t0, y0
+    last_rejected = nonfinite = False
+    while j < len(t_out):
+        if stats.n_accepted + stats.n_rejected >= max_num_steps:
+            raise RuntimeError(
+                f"odeint: max_num_steps={max_num_steps} reached at t={t:.6g} (integrating to "
+                f"{t_end:.6g}; {stats.n_accepted} accepted, {stats.n_rejected} rejected steps, last "
+                f"h={h:.3g}). The problem may be stiff or the tolerances too tight: loosen rtol/atol, "
+                "or raise the limit with options={'max_num_steps': ...}."
+            )
+        h = min(h, max_step, abs(t_end - t))
+        # Do not leave a sliver of the interval for a last, needlessly tiny step.
+        if abs(t_end - t) - h < 1e-3 * h:
+            h = abs(t_end - t)
+        t1 = t_end if h == abs(t_end - t) else t + direction * h
+        if h < min_step or h <= 4 * _EPS * max(abs(t), abs(t1)):
+            if nonfinite:
+                raise FloatingPointError(
+                    f"odeint: step size underflow at t={t:.6g} (h={h:.3g}): every trial step produced "
+                    "NaN or inf. The solution blows up or the dynamics return non-finite values there."
+                )
+            raise RuntimeError(
+                f"odeint: step size underflow at t={t:.6g} (h={h:.3g}, min_step={min_step:.3g}). "
+                "The solution may blow up or be discontinuous there, or the problem may be stiff: "
+                "check the dynamics near this time."
+            )
+        hs = t1 - t
+        y1, ks = method.step(func, t, y, f0, hs)
+        with torch.no_grad():  # step-size control needs no gradients
+            err = _combine(None, hs, method.b_error, [k.detach() for k in ks])
+            scale = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
+            ratio = float(norm(err / scale))  # the one host-device synchronisation per step
+
+        if ratio <= 1.0:  # accept (False for NaN)
+            f1 = ks[-1] if method.fsal else func(t1, y1)
+            coeffs = None
+            while j < len(t_out) and (t_out[j] - t1) * direction <= 0:
+                if t_out[j] == t1:
+                    out = y1
+                else:  # dense output: the steps never depend on the output grid
+                    if coeffs is None:
+                        coeffs = method.interpolant(y, y1, f0, f1, hs, ks)
+                    out = _horner(coeffs, (t_out[j] - t) / hs)
+                outputs.append(out)
+                j += 1
+            stats.n_accepted += 1
+            stats.step_times.append(t1)
+            t, y, f0 = t1, y1, f1
+            factor = ifactor if ratio == 0.0 else min(ifactor, max(dfactor, safety * ratio**-exponent))
+            if last_rejected:
+                factor = min(factor, 1.0)
+            last_rejected = nonfinite = False
+        else:
+            stats.n_rejected += 1
+            nonfinite = not math.isfinite(ratio)
+            if nonfinite:  # the trial step overflowed: shrink hard and try again
+                factor = dfactor
+            else:
+                factor = min(1.0, max(dfactor, safety * ratio**-exponent))
+            last_rejected = True
+        h = h * factor
+    return outputs
+
+
+def solve(
+    func: Dynamics,
+    y0: Tensor,
+    t_out: Sequence[float],
+    tableau: ButcherTableau,
+    *,
+    rtol: float,
+    atol: float,
+    norm: Norm,
+    options: dict,
+    stats: SolverStats,
+) -> List[Tensor]:
+    """Integrate ``y' = func(t, y)`` from ``t_out[0]`` and return ``y`` at every time in ``t_out``.
+
+    Args:
+        func: the dynamics on the flat state, ``func(t: float, y) -> Tensor`` like ``y``.
+        y0: initial state, any shape.
+        t_out: strictly monotonic output times (floats), ``t_out[0]`` the initial time.
+        tableau: the method.
+        rtol, atol: relative and absolute tolerances (adaptive methods only).
+        norm: the error norm, e.g. :func:`rms_norm`.
+        options: every key of :data:`FIXED_OPTIONS` or :data:`ADAPTIVE_OPTIONS`, filled in.
+        stats: counters, updated in place.
+
+    Returns:
+        A list of ``len(t_out)`` tensors shaped like ``y0``.
+    """
+    method = _Method(tableau)
+    if len(t_out) == 1:
+        return [y0]
+    if tableau.adaptive:
+        return _solve_adaptive(func, y0, t_out, method, rtol, atol, norm, options, stats)
+    return _solve_fixed(func, y0, t_out, method, options, stats)

@@ -1,0 +1,132 @@
+"""Building blocks for ODE-Nets: time-dependent layers, MLP dynamics, the ODE block.
+
+An ODE-Net replaces a stack of residual blocks :math:`h_{k+1} = h_k + f(h_k, \\theta_k)` by the
+solution of :math:`\\dot z = f(z, t, \\theta)` over :math:`[t_0, t_1]` (Chen et al. 2018, section 2).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._odeint import odeint
+
+__all__ = ["ConcatLinear", "MLPDynamics", "ODEBlock", "Augment"]
+
+_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+class ConcatLinear(nn.Module):
+    """A linear layer that also sees time: ``W [z, t] + b``.
+
+    Args:
+        in_features: size ``D_in`` of ``z``'s last dimension.
+        out_features: size ``D_out`` of the output's last dimension.
+
+    Shapes: ``forward(t, z)`` maps ``t: ()`` and ``z: (..., D_in)`` to ``(..., D_out)``.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = nn.Linear(in_features + 1, out_features)
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        # W [z, t] + b = W_z z + (b + t W_t): same result as concatenating t, without the copy.
+        weight = self.linear.weight
+        return F.linear(z, weight[:, :-1], self.linear.bias + t * weight[:, -1])
+
+
+class MLPDynamics(nn.Module):
+    """Dynamics ``f(t, z)`` given by a small multilayer perceptron.
+
+    Args:
+        dim: state size ``D``.
+        hidden: width of each hidden layer.
+        num_layers: number of hidden layers (at least 1).
+        activation: ``"tanh"``, ``"relu"``, ``"softplus"`` or ``"elu"``. A smooth activation
+            (tanh, softplus) keeps ``f`` smooth, which high-order solvers reward.
+        time_dependent: when true every layer sees ``t`` (:class:`ConcatLinear`); otherwise the
+            dynamics are autonomous, ``f(z)``.
+
+    Shapes: ``forward(t, z)`` maps ``t: ()`` and ``z: (B, D)`` to ``(B, D)``.
+    """
+
+    def __init__(self, dim: int, hidden: int = 64, num_layers: int = 2, activation: str = "tanh",
+                 time_dependent: bool = True):
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MLPDynamics: num_layers must be at least 1, got {num_layers}.")
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"MLPDynamics: unknown activation {activation!r}; choose one of "
+                             f"{', '.join(_ACTIVATIONS)}.")
+        self.time_dependent = time_dependent
+        sizes = [dim] + [hidden] * num_layers + [dim]
+        layer = ConcatLinear if time_dependent else nn.Linear
+        self.layers = nn.ModuleList(layer(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.activation = _ACTIVATIONS[activation]()
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            z = layer(t, z) if self.time_dependent else layer(z)
+            if i < len(self.layers) - 1:
+                z = self.activation(z)
+        return z
+
+
+class ODEBlock(nn.Module):
+    """The ODE-Net layer: ``z(t1)`` from ``z(t0) = z0`` under ``dz/dt = func(t, z)``.
+
+    Args:
+        func: the dynamics, an ``nn.Module`` called as ``func(t, z)``.
+        t0, t1: integration interval (the block's "depth").
+        method, rtol, atol, options: passed to :func:`neuralode.odeint`.
+
+    Attributes:
+        nfe: function evaluations of the last forward solve (its "depth" in layers of ``func``).
+        stats: the :class:`~neuralode.SolverStats` of the last forward solve.
+
+    Shapes: ``forward(z0)`` maps ``(B, *S)`` to ``(B, *S)``.
+    """
+
+    def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
+                 rtol: float = 1e-3, atol: float = 1e-3, options: Optional[dict] = None):
+        super().__init__()
+        self.func = func
+        self.t0, self.t1 = float(t0), float(t1)
+        self.method, self.rtol, self.atol, self.options = method, rtol, atol, options
+        self.stats = None
+
+    @property
+    def nfe(self) -> int:
+        return 0 if self.stats is None else self.stats.nfe
+
+    def trajectory(self, z0: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
+        """The states at times ``t`` (shape ``(T,)``): returns ``(T, B, *S)``."""
+        zs, self.stats = odeint(self.func, z0, t, method=self.method, rtol=self.rtol, atol=self.atol,
+                                options=self.options, return_stats=True)
+        return zs
+
+    def forward(self, z0: Tensor) -> Tensor:
+        return self.trajectory(z0, [self.t0, self.t1])[-1]
+
+
+class Augment(nn.Module):
+    """Append ``extra_dims`` zero coordinates to the state (Dupont et al. 2019).
+
+    A flow in :math:`\\mathbb{R}^d` is a homeomorphism and cannot untangle some data sets;
+    in :math:`\\mathbb{R}^{d+p}` it has room to.
+
+    Shapes: ``(B, d)`` to ``(B, d + extra_dims)``.
+    """
+
+    def __init__(self, extra_dims: int):
+        super().__init__()
+        if extra_dims < 0:
+            raise ValueError(f"Augment: extra_dims must be >= 0, got {extra_dims}.")
+        self.extra_dims = extra_dims
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.pad(x, (0, self.extra_dims))

@@ -1,0 +1,58 @@
+"""Test problems with exact solutions, the solver lists and the devices to test on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import neuralode as node
+
+FIXED_METHODS = {"euler": 1, "midpoint": 2, "rk4": 4}  # name -> order
+ADAPTIVE_METHODS = [m for m in node.METHODS if node.TABLEAUS[m].adaptive]
+DTYPES = [torch.float32, torch.float64]
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+@dataclass(frozen=True)
+class Problem:
+    """``y' = f(t, y)`` on ``[t0, t1]`` with the exact solution ``exact(t, y0)``."""
+
+    name: str
+    f: Callable
+    exact: Callable
+    y0: tuple
+    t0: float = 0.0
+    t1: float = 1.0
+
+    def initial(self, dtype=torch.float64, device="cpu") -> torch.Tensor:
+        return torch.tensor(self.y0, dtype=dtype, device=device)
+
+
+def _rotation(t, y):
+    return torch.stack([y[..., 1], -y[..., 0]], dim=-1)
+
+
+def _rotation_exact(t, y0):
+    c, s = torch.cos(t), torch.sin(t)
+    return torch.stack([c * y0[0] + s * y0[1], -s * y0[0] + c * y0[1]], dim=-1)
+
+
+PROBLEMS = [
+    # Linear decay, several rates at once: y' = -lambda y.
+    Problem("decay", lambda t, y: -torch.tensor([0.5, 1.0, 2.0], dtype=y.dtype, device=y.device) * y,
+            lambda t, y0: y0 * torch.exp(-torch.tensor([0.5, 1.0, 2.0], dtype=y0.dtype, device=y0.device)
+                                         * t[:, None]),
+            (1.0, -2.0, 0.5), 0.0, 2.0),
+    # Harmonic oscillator: a rotation of the plane.
+    Problem("oscillator", _rotation, _rotation_exact, (1.0, 0.5), 0.0, 2 * math.pi),
+    # Non-autonomous: y' = cos(t) y, y = y0 exp(sin t); exercises the nodes c_i.
+    Problem("cosine", lambda t, y: torch.cos(t) * y,
+            lambda t, y0: y0 * torch.exp(torch.sin(t))[:, None], (1.0, 2.0), 0.0, 4.0),
+    # Logistic growth, nonlinear: y' = y (1 - y).
+    Problem("logistic", lambda t, y: y * (1 - y),
+            lambda t, y0: 1 / (1 + (1 / y0 - 1) * torch.exp(-t)[:, None]), (0.1, 0.5, 2.0), 0.0, 5.0),
+]
+PROBLEM_IDS = [p.name for p in PROBLEMS]
