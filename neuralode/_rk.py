@@ -96,7 +96,7 @@ class _Method:
         self.a = [[float(x) for x in row] for row in tableau.a]
         self.b = [float(x) for x in tableau.b]
         self.b_error = None if tableau.b_error is None else [float(x) for x in tableau.b_error]
-        self.c_mid = None if tableau.c_mid is None else [float(x) for x in tableau.c_mid]
+        self.dense = None if tableau.dense is None else [[float(x) for x in row] for row in tableau.dense]
         self.fsal = tableau.fsal
 
     def step(self, func: Dynamics, t: float, y: Tensor, f0: Tensor, h: float):
@@ -109,29 +109,22 @@ class _Method:
         y1 = yi if self.fsal else _combine(y, h, self.b, ks)
         return y1, ks
 
-    def interpolant(self, y0: Tensor, y1: Tensor, f0: Tensor, f1: Tensor, h: float, ks) -> List[Tensor]:
-        """Coefficients ``[p0, p1, ...]`` of ``y(t0 + theta h) ~ sum_m p_m theta^m`` on one step.
+    def interpolate(self, y0: Tensor, y1: Tensor, f0: Tensor, f1: Tensor, h: float, ks, theta: float) -> Tensor:
+        """``y(t0 + theta h)`` inside a step of size ``h`` (HNW II.6, continuous extensions).
 
-        With midpoint weights (dopri5) it is the quartic through ``y0, y_mid, y1`` with slopes
-        ``f0, f1`` at the ends (fourth order); otherwise the cubic Hermite interpolant (third
-        order) from the end values and slopes.
+        With the tableau's dense-output weights it is ``y0 + h sum_i b_i(theta) k_i`` (fourth order
+        for dopri5 and tsit5); otherwise the cubic Hermite interpolant through the end values and
+        slopes (third order).
         """
-        hf0, hf1 = h * f0, h * f1
-        if self.c_mid is not None:
-            ym = _combine(y0, h, self.c_mid, ks)
-            c2 = -4 * hf0 + hf1 - 11 * y0 - 5 * y1 + 16 * ym
-            c3 = 5 * hf0 - 3 * hf1 + 18 * y0 + 14 * y1 - 32 * ym
-            c4 = -2 * hf0 + 2 * hf1 - 8 * y0 - 8 * y1 + 16 * ym
-            return [y0, hf0, c2, c3, c4]
-        dy = y1 - y0
-        return [y0, hf0, 3 * dy - 2 * hf0 - hf1, hf0 + hf1 - 2 * dy]
-
-
-def _horner(coeffs: Sequence[Tensor], theta: float) -> Tensor:
-    out = coeffs[-1]
-    for c in reversed(coeffs[:-1]):
-        out = torch.add(c, out, alpha=theta)
-    return out
+        if self.dense is not None:
+            weights = [sum(d * theta ** (m + 1) for m, d in enumerate(row)) for row in self.dense]
+            return _combine(y0, h, weights, ks)
+        # Hermite basis: y0 (1 - 3 th^2 + 2 th^3) + y1 (3 th^2 - 2 th^3) + h f0 th (1 - th)^2 + h f1 th^2 (th - 1)
+        th2, th3 = theta * theta, theta**3
+        out = torch.add(y0 * (1 - 3 * th2 + 2 * th3), y1, alpha=3 * th2 - 2 * th3)
+        out.add_(f0, alpha=h * (theta - 2 * th2 + th3))
+        out.add_(f1, alpha=h * (th3 - th2))
+        return out
 
 
 def _check_finite(y: Tensor, what: str, t: float) -> None:
@@ -172,9 +165,9 @@ def _solve_fixed(func, y0, t_out, method: _Method, options, stats: SolverStats) 
             if t_out[j] == t1:
                 out = y1
             else:  # an output inside the step: Hermite interpolation needs the end slope
-                if f1 is None:
+                if f1 is None and method.dense is None:
                     f1 = func(t1, y1)
-                out = _horner(method.interpolant(y, y1, f, f1, h, ks), (t_out[j] - t) / h)
+                out = method.interpolate(y, y1, f, f1, h, ks, (t_out[j] - t) / h)
             if not bool(torch.isfinite(out).all()):
                 bad = torch.stack(finite).logical_not().nonzero().flatten().tolist()
                 _check_finite(out, "solution", grid[bad[0] + 1] if bad else t_out[j])
@@ -253,14 +246,11 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
 
         if ratio <= 1.0:  # accept (False for NaN)
             f1 = ks[-1] if method.fsal else func(t1, y1)
-            coeffs = None
             while j < len(t_out) and (t_out[j] - t1) * direction <= 0:
                 if t_out[j] == t1:
                     out = y1
                 else:  # dense output: the steps never depend on the output grid
-                    if coeffs is None:
-                        coeffs = method.interpolant(y, y1, f0, f1, hs, ks)
-                    out = _horner(coeffs, (t_out[j] - t) / hs)
+                    out = method.interpolate(y, y1, f0, f1, hs, ks, (t_out[j] - t) / hs)
                 outputs.append(out)
                 j += 1
             stats.n_accepted += 1

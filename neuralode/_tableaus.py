@@ -30,6 +30,33 @@ def _fractions(values: Sequence) -> Row:
     return tuple(Fraction(v) for v in values)
 
 
+def _close(x: Fraction, y: Fraction) -> bool:
+    """Exact for tableaux given as fractions; allows rounding for ones published as decimals."""
+    return abs(x - y) <= Fraction(1, 10**14)
+
+
+def _quartic_through_midpoint(b: Row, c_mid: Row) -> Tuple[Row, ...]:
+    """Per-stage weights of the quartic through ``y0, y_mid, y1`` with slopes ``f0, f1``.
+
+    For an FSAL method ``f0 = k_1`` and ``f1 = k_s``; ``y1 - y0 = h sum b_i k_i`` and
+    ``y_mid - y0 = h sum c_mid_i k_i``. Solving the five interpolation conditions for
+    ``p(theta) = y0 + theta h f0 + C2 theta^2 + C3 theta^3 + C4 theta^4`` gives
+    ``C2 = h(-4 f0 + f1) - 5 dy + 16 dm``, ``C3 = h(5 f0 - 3 f1) + 14 dy - 32 dm`` and
+    ``C4 = h(-2 f0 + 2 f1) - 8 dy + 16 dm`` with ``dy = y1 - y0`` and ``dm = y_mid - y0``.
+    """
+    s = len(b)
+    rows = []
+    for i in range(s):
+        first, last = int(i == 0), int(i == s - 1)
+        rows.append((
+            Fraction(first),
+            -4 * first + last - 5 * b[i] + 16 * c_mid[i],
+            5 * first - 3 * last + 14 * b[i] - 32 * c_mid[i],
+            -2 * first + 2 * last - 8 * b[i] + 16 * c_mid[i],
+        ))
+    return tuple(rows)
+
+
 @dataclass(frozen=True)
 class ButcherTableau:
     """An explicit Runge-Kutta method, optionally with an embedded error estimator.
@@ -44,8 +71,10 @@ class ButcherTableau:
         error_order: order of the embedded lower-order solution ``b_hat``.
         fsal: "first same as last": the last stage is ``f(t + h, y_{n+1})``, so it can be
             reused as the first stage of the next step.
-        c_mid: optional weights giving ``y(t + h/2) ~ y + h * sum(c_mid[i] * k[i])``, used with the
-            end-point values and slopes to build a quartic continuous extension (dense output).
+        dense: optional continuous extension (dense output): for each stage ``i`` the
+            coefficients ``(d_i1, ..., d_im)`` of ``b_i(theta) = sum_m d_im theta^m``, so that
+            ``y(t + theta h) ~ y + h sum_i b_i(theta) k_i`` for ``theta`` in [0, 1]. Continuity
+            requires ``b_i(1) = b_i``. Without it the engine uses cubic Hermite interpolation.
 
     Raises:
         ValueError: when the coefficients are inconsistent (row sums differ from ``c``,
@@ -60,7 +89,7 @@ class ButcherTableau:
     b_error: Optional[Row] = None
     error_order: Optional[int] = None
     fsal: bool = False
-    c_mid: Optional[Row] = None
+    dense: Optional[Tuple[Row, ...]] = None
 
     def __post_init__(self) -> None:
         s = len(self.c)
@@ -72,18 +101,21 @@ class ButcherTableau:
         for i, row in enumerate(self.a, start=1):
             if len(row) != i:
                 problems.append(f"row {i} of a needs {i} entries, got {len(row)}")
-            elif sum(row) != self.c[i]:
+            elif not _close(sum(row), self.c[i]):
                 problems.append(f"row {i} of a sums to {sum(row)}, but c[{i}] = {self.c[i]}")
-        if len(self.b) != s or sum(self.b) != 1:
+        if len(self.b) != s or not _close(sum(self.b), 1):
             problems.append(f"b needs {s} weights summing to 1, got {len(self.b)} summing to {sum(self.b)}")
         if (self.b_error is None) != (self.error_order is None):
             problems.append("b_error and error_order go together")
-        if self.b_error is not None and (len(self.b_error) != s or sum(self.b_error) != 0):
+        if self.b_error is not None and (len(self.b_error) != s or not _close(sum(self.b_error), 0)):
             problems.append(f"b_error needs {s} entries summing to 0")
         if self.fsal and (self.a[-1] != self.b[:-1] or self.b[-1] != 0 or self.c[-1] != 1):
             problems.append("an FSAL method's last row of a must equal b (whose last weight is 0), with c[-1] = 1")
-        if self.c_mid is not None and (len(self.c_mid) != s or sum(self.c_mid) != Fraction(1, 2)):
-            problems.append(f"c_mid needs {s} entries summing to 1/2")
+        if self.dense is not None:
+            if len(self.dense) != s:
+                problems.append(f"dense needs {s} rows, one per stage")
+            elif not all(_close(sum(d), bi) for d, bi in zip(self.dense, self.b)):
+                problems.append("dense output must reach the step's end: each row of dense must sum to b_i")
         if problems:
             raise ValueError(f"invalid Butcher tableau {self.name!r}: " + "; ".join(problems))
 
@@ -98,9 +130,11 @@ class ButcherTableau:
         return self.b_error is not None
 
 
-def _tableau(name, order, c, a, b, b_hat=None, error_order=None, fsal=False, c_mid=None):
+def _tableau(name, order, c, a, b, b_hat=None, error_order=None, fsal=False, c_mid=None, dense=None):
     b = _fractions(b)
     b_error = None if b_hat is None else tuple(bi - Fraction(bh) for bi, bh in zip(b, b_hat))
+    if c_mid is not None:
+        dense = _quartic_through_midpoint(b, _fractions(c_mid))
     return ButcherTableau(
         name=name,
         order=order,
@@ -110,7 +144,7 @@ def _tableau(name, order, c, a, b, b_hat=None, error_order=None, fsal=False, c_m
         b_error=b_error,
         error_order=error_order,
         fsal=fsal,
-        c_mid=None if c_mid is None else _fractions(c_mid),
+        dense=None if dense is None else tuple(_fractions(row) for row in dense),
     )
 
 
@@ -119,6 +153,24 @@ F = Fraction
 EULER = _tableau("euler", 1, c=[0], a=[], b=[1])
 
 MIDPOINT = _tableau("midpoint", 2, c=[0, F(1, 2)], a=[[F(1, 2)]], b=[0, 1])
+
+HEUN2 = _tableau("heun2", 2, c=[0, 1], a=[[1]], b=[F(1, 2), F(1, 2)])
+
+# Heun's method with Euler embedded: the cheapest adaptive pair, 2(1).
+ADAPTIVE_HEUN = _tableau("adaptive_heun", 2, c=[0, 1], a=[[1]], b=[F(1, 2), F(1, 2)], b_hat=[1, 0],
+                         error_order=1)
+
+# Bogacki & Shampine (1989), 3(2) with FSAL: scipy's RK23, MATLAB's ode23.
+BOSH3 = _tableau(
+    "bosh3",
+    3,
+    c=[0, F(1, 2), F(3, 4), 1],
+    a=[[F(1, 2)], [0, F(3, 4)], [F(2, 9), F(1, 3), F(4, 9)]],
+    b=[F(2, 9), F(1, 3), F(4, 9), 0],
+    b_hat=[F(7, 24), F(1, 4), F(1, 3), F(1, 8)],
+    error_order=2,
+    fsal=True,
+)
 
 RK4 = _tableau(
     "rk4",
@@ -158,5 +210,40 @@ DOPRI5 = _tableau(
     ],
 )
 
+# Tsitouras (2011), a 5(4) FSAL pair that drops the second simplifying assumption and so has a
+# smaller error constant than dopri5. The coefficients are published as decimals (the paper's
+# Table 1 and its fourth-order continuous extension), so the tableau checks hold to rounding.
+_TSIT5_B = [0.09646076681806523, 0.01, 0.4798896504144996, 1.379008574103742, -3.290069515436081,
+            2.324710524099774, 0]
+_TSIT5_ERROR = [-0.00178001105222577714, -0.0008164344596567469, 0.007880878010261995,
+                -0.1447110071732629, 0.5823571654525552, -0.45808210592918697, 0.015151515151515152]
+TSIT5 = _tableau(
+    "tsit5",
+    5,
+    c=[0, 0.161, 0.327, 0.9, 0.9800255409045097, 1, 1],
+    a=[
+        [0.161],
+        [-0.008480655492356989, 0.335480655492357],
+        [2.8971530571054935, -6.359448489975075, 4.3622954328695815],
+        [5.325864828439257, -11.748883564062828, 7.4955393428898365, -0.09249506636175525],
+        [5.86145544294642, -12.92096931784711, 8.159367898576159, -0.071584973281401,
+         -0.028269050394068383],
+        _TSIT5_B[:6],
+    ],
+    b=_TSIT5_B,
+    b_hat=[Fraction(b) - Fraction(e) for b, e in zip(_TSIT5_B, _TSIT5_ERROR)],
+    error_order=4,
+    fsal=True,
+    dense=[
+        [1.0, -2.763706197274826, 2.9132554618219126, -1.0530884977290216],
+        [0.0, 0.1317, -0.2234, 0.1017],
+        [0.0, 3.9302962368947516, -5.941033872131505, 2.490627285651253],
+        [0.0, -12.411077166933676, 30.33818863028232, -16.548102889244902],
+        [0.0, 37.50931341651104, -88.1789048947664, 47.37952196281928],
+        [0.0, -27.896526289197286, 65.09189467479366, -34.87065786149661],
+        [0.0, 1.5, -4.0, 2.5],
+    ],
+)
+
 #: Every method ``odeint`` knows, by name. Adding a Runge-Kutta method is one tableau here.
-TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, RK4, DOPRI5)}
+TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, HEUN2, RK4, ADAPTIVE_HEUN, BOSH3, DOPRI5, TSIT5)}
