@@ -79,8 +79,11 @@ def _check_options(method: str, options: Optional[dict]) -> dict:
         raise ValueError(f"odeint: unknown option(s) {unknown} for method {method!r}; "
                          f"valid options are {sorted(defaults)}.")
     merged = {**defaults, **options}
+    if "controller" in merged and merged["controller"] not in _rk.CONTROLLERS:
+        raise ValueError(f"odeint: options['controller'] must be one of {_rk.CONTROLLERS}, "
+                         f"got {merged['controller']!r}.")
     for key, value in merged.items():
-        if value is None:
+        if value is None or key == "controller":
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             raise TypeError(f"odeint: options[{key!r}] must be a real number, got {value!r}.")
@@ -128,14 +131,17 @@ def odeint(
         t: output times, shape ``(T,)``, strictly increasing or strictly decreasing (integrate
             backwards in time). ``t[0]`` is the initial time.
         method: one of :data:`METHODS`: fixed-step ``"euler"`` (order 1), ``"midpoint"`` (2),
-            ``"rk4"`` (4); adaptive ``"dopri5"`` (Dormand-Prince 5(4), the default).
+            ``"heun2"`` (2), ``"rk4"`` (4); adaptive embedded pairs ``"adaptive_heun"`` (2(1)),
+            ``"bosh3"`` (Bogacki-Shampine 3(2)), ``"dopri5"`` (Dormand-Prince 5(4), the
+            default) and ``"tsit5"`` (Tsitouras 5(4)).
         rtol, atol: relative and absolute tolerances of the adaptive methods: a step is accepted
             when the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1.
         options: fixed-step methods: ``step_size`` (default: step exactly between the times in
             ``t``; outputs inside a step come from cubic Hermite interpolation). Adaptive
             methods: ``first_step`` (default: Hairer's automatic choice), ``max_step``,
             ``min_step``, ``max_num_steps`` (default 10 000), ``safety`` (0.9), ``ifactor``
-            (10), ``dfactor`` (0.2).
+            (10), ``dfactor`` (0.2), ``controller`` (``"i"``, the classical controller, or
+            ``"pi"``, proportional-integral control, which smooths the step sizes).
         return_stats: also return a :class:`SolverStats` (function evaluations, accepted and
             rejected steps, step times).
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ._tableaus import ButcherTableau
 
-__all__ = ["SolverStats", "solve", "rms_norm", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS"]
+__all__ = ["SolverStats", "solve", "rms_norm", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS"]
 
 # ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
 Dynamics = Callable[[float, Tensor], Tensor]
@@ -40,7 +40,9 @@ ADAPTIVE_OPTIONS = {
     "safety": 0.9,
     "ifactor": 10.0,  # largest growth of h in one step
     "dfactor": 0.2,  # largest shrink of h in one step
+    "controller": "i",  # "i": h *= safety err^(-1/k); "pi": also remembers the last error
 }
+CONTROLLERS = ("i", "pi")
 
 _EPS = sys.float_info.epsilon
 
@@ -197,7 +199,16 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
     t0, t_end = t_out[0], t_out[-1]
     direction = 1.0 if t_end >= t0 else -1.0
     tab = method.tableau
-    exponent = 1.0 / (min(tab.order, tab.error_order) + 1)
+    k = min(tab.order, tab.error_order) + 1
+    # I control: h_new = h * safety * err^(-1/k). PI control (Gustafsson 1991; HNW II, section IV.2):
+    # h_new = h * safety * err^(-0.7/k) * err_prev^(0.4/k), which damps the oscillation of h
+    # between accepted and rejected steps.
+    if options["controller"] == "pi":
+        beta1, beta2 = 0.7 / k, 0.4 / k
+    else:
+        beta1, beta2 = 1.0 / k, 0.0
+    exponent = 1.0 / k
+    prev_ratio = 1.0
     safety, ifactor, dfactor = options["safety"], options["ifactor"], options["dfactor"]
     max_step, min_step, max_num_steps = options["max_step"], options["min_step"], options["max_num_steps"]
 
@@ -256,7 +267,11 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
             stats.n_accepted += 1
             stats.step_times.append(t1)
             t, y, f0 = t1, y1, f1
-            factor = ifactor if ratio == 0.0 else min(ifactor, max(dfactor, safety * ratio**-exponent))
+            if ratio == 0.0:
+                factor = ifactor
+            else:
+                factor = min(ifactor, max(dfactor, safety * ratio**-beta1 * prev_ratio**beta2))
+            prev_ratio = max(ratio, 1e-4)
             if last_rejected:
                 factor = min(factor, 1.0)
             last_rejected = nonfinite = False

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 import neuralode as node
@@ -67,3 +68,58 @@ PROBLEMS = [
             lambda t, y0: 1 / (1 + (1 / y0 - 1) * torch.exp(-t)[:, None]), (0.1, 0.5, 2.0), 0.0, 5.0),
 ]
 PROBLEM_IDS = [p.name for p in PROBLEMS]
+
+
+@dataclass(frozen=True)
+class ReferenceProblem:
+    """A non-stiff problem without a closed form; the reference is scipy's DOP853 at 1e-13."""
+
+    name: str
+    f: Callable  # torch: f(t, y) with y of shape (D,)
+    y0: tuple
+    t1: float
+
+    def initial(self, dtype=torch.float64, device="cpu") -> torch.Tensor:
+        return torch.tensor(self.y0, dtype=dtype, device=device)
+
+    def reference(self, t) -> np.ndarray:
+        """The solution at times ``t`` (shape ``(T,)``) as an array ``(T, D)``."""
+        from scipy.integrate import solve_ivp
+
+        def rhs(s, y):
+            return self.f(torch.tensor(s), torch.from_numpy(y)).numpy()
+
+        t = np.asarray(t, dtype=np.float64)
+        sol = solve_ivp(rhs, (t[0], t[-1]), np.array(self.y0, dtype=np.float64), method="DOP853",
+                        t_eval=t, rtol=1e-13, atol=1e-13)
+        assert sol.success, sol.message
+        return sol.y.T
+
+
+def _van_der_pol(t, y, mu=1.0):
+    return torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
+
+
+def _lotka_volterra(t, y, a=1.5, b=1.0, c=3.0, d=1.0):
+    return torch.stack([a * y[0] - b * y[0] * y[1], -c * y[1] + d * y[0] * y[1]])
+
+
+def _two_body(t, y):
+    r3 = (y[0] ** 2 + y[1] ** 2) ** 1.5
+    return torch.stack([y[2], y[3], -y[0] / r3, -y[1] / r3])
+
+
+def _lorenz(t, y, sigma=10.0, rho=28.0, beta=8.0 / 3.0):
+    return torch.stack([sigma * (y[1] - y[0]), y[0] * (rho - y[2]) - y[1], y[0] * y[1] - beta * y[2]])
+
+
+_ECC = 0.5
+REFERENCE_PROBLEMS = [
+    ReferenceProblem("van_der_pol", _van_der_pol, (2.0, 0.0), 10.0),
+    ReferenceProblem("lotka_volterra", _lotka_volterra, (1.0, 1.0), 10.0),
+    # An orbit of eccentricity 0.5, started at perihelion: one period is 2 pi.
+    ReferenceProblem("two_body", _two_body, (1 - _ECC, 0.0, 0.0, math.sqrt((1 + _ECC) / (1 - _ECC))),
+                     2 * math.pi),
+    # Lorenz on a short span: chaos amplifies every error, so only a short window is a fair test.
+    ReferenceProblem("lorenz", _lorenz, (1.0, 1.0, 1.0), 2.0),
+]
