@@ -4,7 +4,9 @@ Cases (issue 3):
   (a) torchdiffeq's spiral demo, dy/dt = (y**3) @ A, 1000 output times on [0, 25], dopri5 at
       rtol 1e-7, atol 1e-9 (forward only);
   (b) an MLP vector field (batch 256, width 32, hidden 128, tanh), forward and backward through
-      the solver, dopri5 at rtol = atol = 1e-5.
+      the solver, dopri5 at rtol = atol = 1e-5;
+  (c) the same model and tolerance, gradients from the adjoint method (odeint_adjoint in both
+      libraries, default settings); NFE counts forward and backward evaluations.
 
 Both libraries run interleaved in the same process on one thread, so drift in the machine's
 load hits both alike. Run: ``python benchmarks/speed.py [--repeats N] [--out DIR]``.
@@ -67,9 +69,46 @@ def mlp_case():
     return run
 
 
+class _Field(torch.nn.Module):
+    """torchdiffeq's adjoint needs an nn.Module whose parameters it can find."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+def mlp_adjoint_case():
+    torch.manual_seed(0)
+    field = _Field(torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 32)))
+    y0 = torch.randn(256, 32, requires_grad=True)
+    t = torch.tensor([0.0, 1.0])
+
+    def run(solver):
+        calls = [0]
+        original = field.forward
+
+        def counted(t, y):
+            calls[0] += 1
+            return original(t, y)
+
+        field.forward = counted
+        try:
+            field.zero_grad()
+            solver(field, y0, t, rtol=1e-5, atol=1e-5)[-1].pow(2).sum().backward()
+        finally:
+            field.forward = original
+        return calls[0]
+
+    return run
+
+
 CASES = {
     "spiral (a): 1000 outputs, dopri5 1e-7/1e-9, forward": spiral_case,
     "MLP (b): batch 256, width 32, hidden 128, dopri5 1e-5, forward+backward": mlp_case,
+    "MLP (c): as (b), gradients by the adjoint method": mlp_adjoint_case,
 }
 
 
@@ -79,7 +118,9 @@ def measure(repeats: int = 15) -> list[dict]:
     rows = []
     for name, make in CASES.items():
         run = make()
-        solvers = {"neuralode": node.odeint, "torchdiffeq": torchdiffeq.odeint}
+        adjoint = "adjoint" in name
+        solvers = {"neuralode": node.odeint_adjoint if adjoint else node.odeint,
+                   "torchdiffeq": torchdiffeq.odeint_adjoint if adjoint else torchdiffeq.odeint}
         nfe = {lib: run(solver) for lib, solver in solvers.items()}  # also warms up
         times = {lib: [] for lib in solvers}
         for _ in range(repeats):

@@ -154,63 +154,93 @@ def odeint(
         RuntimeError: when the step size underflows or ``max_num_steps`` is exhausted.
         FloatingPointError: when the solution becomes NaN or inf.
     """
-    if not callable(func):
-        raise TypeError(f"odeint: func must be callable as func(t, y), got {type(func).__name__}.")
-    if not isinstance(method, str) or method not in TABLEAUS:
-        raise ValueError(f"odeint: unknown method {method!r}; choose one of {', '.join(METHODS)}.")
-    is_tuple = isinstance(y0, (tuple, list))
-    parts = _check_state(y0)
-    times = _check_times(t)
-    rtol = _check_tolerance("rtol", rtol)
-    atol = _check_tolerance("atol", atol)
-    if TABLEAUS[method].adaptive and rtol == 0 and atol == 0:
-        raise ValueError("odeint: rtol and atol cannot both be 0 for an adaptive method.")
-    options = _check_options(method, options)
-
-    dtype, device = parts[0].dtype, parts[0].device
-    shapes = [p.shape for p in parts]
+    setup = _Setup(func, y0, t, method, rtol, atol, options)
     stats = SolverStats()
-
-    if is_tuple:
-        sizes = [p.numel() for p in parts]
-
-        def unflatten(y: Tensor) -> Tuple[Tensor, ...]:
-            return tuple(chunk.view(shape) for chunk, shape in zip(torch.split(y, sizes), shapes))
-
-        def flatten(ys: Sequence[Tensor]) -> Tensor:
-            return torch.cat([y.reshape(-1) for y in ys])
-
-        def norm(x: Tensor) -> Tensor:  # each part on its own scale: the worst part decides
-            return torch.stack([_rk.rms_norm(c) for c in torch.split(x, sizes)]).max()
-
-        y_start = flatten(parts)
-    else:
-        norm = _rk.rms_norm
-        y_start = parts[0]
-
-    def dynamics(s: float, y: Tensor) -> Tensor:
-        stats.nfe += 1
-        t_tensor = torch.full((), s, dtype=dtype, device=device)
-        if not is_tuple:
-            out = func(t_tensor, y)
-            _check_output(out, 0, shapes[0], dtype, False)
-            return out
-        outs = func(t_tensor, unflatten(y))
-        if not isinstance(outs, (tuple, list)) or len(outs) != len(parts):
-            raise ValueError(f"odeint: y0 is a tuple of {len(parts)} tensors, so func must return a "
-                             f"tuple of {len(parts)} tensors, got {type(outs).__name__}.")
-        for i, (out, shape) in enumerate(zip(outs, shapes)):
-            _check_output(out, i, shape, dtype, True)
-        return flatten(outs)
-
-    ys = _rk.solve(dynamics, y_start, times, TABLEAUS[method], rtol=rtol, atol=atol, norm=norm,
-                   options=options, stats=stats)
-    if is_tuple:
-        per_time = [unflatten(y) for y in ys]
-        result = tuple(torch.stack([pt[i] for pt in per_time]) for i in range(len(parts)))
-    else:
-        result = torch.stack(ys)
+    ys = _rk.solve(setup.dynamics(stats), setup.y_start, setup.times, setup.tableau, rtol=setup.rtol,
+                   atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats)
+    result = setup.stack(ys)
     return (result, stats) if return_stats else result
+
+
+class _Setup:
+    """A validated call: the state's structure, the times, the method and its options.
+
+    A tuple state is carried as one flat tensor; ``flat=True`` flattens a single tensor too (the
+    adjoint augments the state and needs it 1-D). ``dynamics(stats)`` gives the engine its
+    ``f(t: float, y)``, which calls the user's ``func`` with a 0-d time tensor on the state's
+    device, restores the structure, checks what comes back and counts the call.
+    """
+
+    def __init__(self, func, y0, t, method, rtol, atol, options, flat: bool = False):
+        if not callable(func):
+            raise TypeError(f"odeint: func must be callable as func(t, y), got {type(func).__name__}.")
+        if not isinstance(method, str) or method not in TABLEAUS:
+            raise ValueError(f"odeint: unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        self.func = func
+        self.is_tuple = isinstance(y0, (tuple, list))
+        self.parts = _check_state(y0)
+        self.times = _check_times(t)
+        self.method, self.tableau = method, TABLEAUS[method]
+        self.rtol = _check_tolerance("rtol", rtol)
+        self.atol = _check_tolerance("atol", atol)
+        if self.tableau.adaptive and self.rtol == 0 and self.atol == 0:
+            raise ValueError("odeint: rtol and atol cannot both be 0 for an adaptive method.")
+        self.options = _check_options(method, options)
+        self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
+        self.shapes = [p.shape for p in self.parts]
+        self.sizes = [p.numel() for p in self.parts]
+        self.flat = flat or self.is_tuple
+        self.y_start = self.flatten(self.parts) if self.flat else self.parts[0]
+
+    def flatten(self, parts: Sequence[Tensor]) -> Tensor:
+        return torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].reshape(-1)
+
+    def unflatten(self, y: Tensor) -> Tuple[Tensor, ...]:
+        return tuple(chunk.view(shape) for chunk, shape in zip(torch.split(y, self.sizes), self.shapes))
+
+    def norm(self, x: Tensor) -> Tensor:
+        if not self.is_tuple:
+            return _rk.rms_norm(x)
+        # Each part of a tuple on its own scale: the worst part decides.
+        return torch.stack([_rk.rms_norm(c) for c in torch.split(x, self.sizes)]).max()
+
+    def call(self, t_tensor: Tensor, y: Tensor) -> Tensor:
+        """``func`` on the engine's state ``y`` (flat or not), returned in the same layout."""
+        if not self.flat:
+            out = self.func(t_tensor, y)
+            _check_output(out, 0, self.shapes[0], self.dtype, False)
+            return out
+        state = self.unflatten(y)
+        if not self.is_tuple:
+            out = self.func(t_tensor, state[0])
+            _check_output(out, 0, self.shapes[0], self.dtype, False)
+            return out.reshape(-1)
+        outs = self.func(t_tensor, state)
+        if not isinstance(outs, (tuple, list)) or len(outs) != len(self.parts):
+            raise ValueError(f"odeint: y0 is a tuple of {len(self.parts)} tensors, so func must return a "
+                             f"tuple of {len(self.parts)} tensors, got {type(outs).__name__}.")
+        for i, (out, shape) in enumerate(zip(outs, self.shapes)):
+            _check_output(out, i, shape, self.dtype, True)
+        return self.flatten(outs)
+
+    def time(self, s: float) -> Tensor:
+        return torch.full((), s, dtype=self.dtype, device=self.device)
+
+    def dynamics(self, stats: SolverStats) -> Callable[[float, Tensor], Tensor]:
+        def f(s: float, y: Tensor) -> Tensor:
+            stats.nfe += 1
+            return self.call(self.time(s), y)
+
+        return f
+
+    def stack(self, ys: Sequence[Tensor]):
+        """Engine outputs (one per time) to the user's layout: ``(T, *S)`` or a tuple of such."""
+        stacked = torch.stack(list(ys))
+        if not self.flat:
+            return stacked
+        parts = tuple(chunk.reshape(len(ys), *shape)
+                      for chunk, shape in zip(torch.split(stacked, self.sizes, dim=1), self.shapes))
+        return parts if self.is_tuple else parts[0]
 
 
 def _check_output(out, index: int, shape, dtype, is_tuple: bool) -> None:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._odeint import odeint
+from .adjoint import odeint_adjoint
 
 __all__ = ["ConcatLinear", "MLPDynamics", "ODEBlock", "Augment"]
 
@@ -83,30 +84,45 @@ class ODEBlock(nn.Module):
         func: the dynamics, an ``nn.Module`` called as ``func(t, z)``.
         t0, t1: integration interval (the block's "depth").
         method, rtol, atol, options: passed to :func:`neuralode.odeint`.
+        adjoint: compute gradients with :func:`neuralode.odeint_adjoint` (memory independent of
+            the number of steps) instead of backpropagating through the solver.
+        adjoint_kwargs: further keyword arguments for :func:`neuralode.odeint_adjoint`, e.g.
+            ``{"seminorm": True}`` or ``{"checkpoints": 4}``.
 
     Attributes:
         nfe: function evaluations of the last forward solve (its "depth" in layers of ``func``).
+        backward_nfe: evaluations of the last backward adjoint solve (0 without the adjoint).
         stats: the :class:`~neuralode.SolverStats` of the last forward solve.
 
     Shapes: ``forward(z0)`` maps ``(B, *S)`` to ``(B, *S)``.
     """
 
     def __init__(self, func: nn.Module, t0: float = 0.0, t1: float = 1.0, method: str = "dopri5",
-                 rtol: float = 1e-3, atol: float = 1e-3, options: Optional[dict] = None):
+                 rtol: float = 1e-3, atol: float = 1e-3, options: Optional[dict] = None,
+                 adjoint: bool = False, adjoint_kwargs: Optional[dict] = None):
         super().__init__()
         self.func = func
         self.t0, self.t1 = float(t0), float(t1)
         self.method, self.rtol, self.atol, self.options = method, rtol, atol, options
+        self.adjoint, self.adjoint_kwargs = adjoint, dict(adjoint_kwargs or {})
         self.stats = None
 
     @property
     def nfe(self) -> int:
         return 0 if self.stats is None else self.stats.nfe
 
+    @property
+    def backward_nfe(self) -> int:
+        return getattr(self.stats, "backward_nfe", 0)
+
     def trajectory(self, z0: Tensor, t: Union[Tensor, Sequence[float]]) -> Tensor:
         """The states at times ``t`` (shape ``(T,)``): returns ``(T, B, *S)``."""
-        zs, self.stats = odeint(self.func, z0, t, method=self.method, rtol=self.rtol, atol=self.atol,
-                                options=self.options, return_stats=True)
+        kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=self.options,
+                      return_stats=True)
+        if self.adjoint:
+            zs, self.stats = odeint_adjoint(self.func, z0, t, **kwargs, **self.adjoint_kwargs)
+        else:
+            zs, self.stats = odeint(self.func, z0, t, **kwargs)
         return zs
 
     def forward(self, z0: Tensor) -> Tensor:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import numpy as np
 import torch
 
-__all__ = ["PROFILES", "resolve_profile", "default_device", "seed_everything"]
+__all__ = ["PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes"]
 
 #: The run profiles: ``smoke`` (CI, seconds), ``cpu`` (the rendered book on a laptop, minutes),
 #: ``gpu`` (paper scale, chosen automatically when CUDA is present).
@@ -44,3 +45,21 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+    """Bytes autograd saves for the backward pass while ``fn()`` runs (the memory cost of gradients).
+
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an operation keeps for
+    its backward is counted once per save, at its full size. Returns the total in bytes.
+    """
+    total = 0
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += x.numel() * x.element_size()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn()
+    return total

@@ -69,3 +69,17 @@ def test_augment_pads_zeros():
     assert out.shape == (3, 4) and torch.equal(out[:, :2], x) and not out[:, 2:].any()
     with pytest.raises(ValueError, match="extra_dims"):
         node.Augment(-1)
+
+
+def test_ode_block_with_the_adjoint_gives_backprops_gradients_and_counts_backward_nfe():
+    torch.manual_seed(0)
+    f = node.MLPDynamics(2, hidden=8).double()
+    z0 = torch.randn(4, 2, dtype=torch.float64)
+    grads = {}
+    for adjoint in (False, True):
+        block = node.ODEBlock(f, rtol=1e-9, atol=1e-9, adjoint=adjoint, adjoint_kwargs={"seminorm": True})
+        f.zero_grad()
+        block(z0).pow(2).sum().backward()
+        grads[adjoint] = torch.cat([p.grad.reshape(-1) for p in f.parameters()])
+        assert (block.backward_nfe > 0) == adjoint
+    assert torch.allclose(grads[True], grads[False], rtol=1e-5, atol=1e-8)

@@ -1,0 +1,285 @@
+r"""Gradients of an ODE solve by the adjoint method (Chen et al. 2018, section 2 and Algorithm 1).
+
+For :math:`\dot z = f(z, t, \theta)` and a loss :math:`L` of the states at output times
+:math:`t_0 < \dots < t_N`, the adjoint :math:`a(t) = \partial L / \partial z(t)` obeys
+
+.. math::
+
+    \dot a = -a^\top \frac{\partial f}{\partial z}, \qquad
+    \frac{dL}{d\theta} = \int_{t_0}^{t_N} a^\top \frac{\partial f}{\partial \theta}\, dt ,
+
+solved backwards from :math:`a(t_N) = \partial L/\partial z(t_N)`, with
+:math:`\partial L/\partial z(t_i)` added as the sweep passes each :math:`t_i`. The backward pass
+integrates the augmented state :math:`[z, a, a_\theta]` in one solve, reconstructing :math:`z`
+backwards in time, so memory does not grow with the number of steps. Every product with a
+Jacobian is a vector-Jacobian product from autograd; no Jacobian is ever formed.
+
+Two caveats shape the options. Reconstructing :math:`z` backwards is unstable where the forward
+flow contracts (dissipative or chaotic dynamics), so the gradient can drift: ``checkpoints=K``
+instead stores :math:`K+1` states on the forward pass and, going backwards, re-solves each
+segment forward from its stored state and backpropagates through it. And the parameter adjoint
+:math:`a_\theta` need not control the backward step size: ``seminorm=True`` leaves it out of the
+error norm (Kidger, Chen & Lyons 2021), which saves backward steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _rk
+from ._odeint import SolverStats, State, _Setup, _check_options, _check_tolerance
+
+__all__ = ["odeint_adjoint", "AdjointStats"]
+
+
+@dataclass
+class AdjointStats(SolverStats):
+    """Forward statistics (as :class:`SolverStats`) and, once ``backward`` has run, the backward ones.
+
+    Attributes:
+        backward_nfe: evaluations of the dynamics during the backward pass (each is one
+            evaluation of ``func`` plus one vector-Jacobian product).
+        backward_n_accepted, backward_n_rejected: steps of the backward solve(s).
+    """
+
+    backward_nfe: int = 0
+    backward_n_accepted: int = 0
+    backward_n_rejected: int = 0
+
+
+def odeint_adjoint(
+    func: Callable[[Tensor, State], State],
+    y0: State,
+    t: Union[Tensor, Sequence[float]],
+    *,
+    method: str = "dopri5",
+    rtol: float = 1e-7,
+    atol: float = 1e-9,
+    options: Optional[dict] = None,
+    adjoint_params: Optional[Sequence[Tensor]] = None,
+    adjoint_method: Optional[str] = None,
+    adjoint_rtol: Optional[float] = None,
+    adjoint_atol: Optional[float] = None,
+    adjoint_options: Optional[dict] = None,
+    seminorm: bool = False,
+    checkpoints: Optional[int] = None,
+    return_stats: bool = False,
+):
+    r"""Like :func:`neuralode.odeint`, with gradients from the adjoint ODE instead of backprop.
+
+    The forward pass runs without recording a graph; the backward pass solves the adjoint system
+    :math:`\dot a = -a^\top \partial f/\partial z`, :math:`\dot a_\theta = -a^\top \partial f/\partial
+    \theta` from :math:`t_N` back to :math:`t_0` (the paper's Algorithm 1), adding
+    :math:`\partial L/\partial z(t_i)` at every output time and resetting :math:`z(t_i)` to the
+    value the forward pass returned there.
+
+    Args:
+        func, y0, t, method, rtol, atol, options: as for :func:`neuralode.odeint`.
+        adjoint_params: the tensors to differentiate with respect to, besides ``y0`` (and
+            ``t``). Defaults to ``func.parameters()`` when ``func`` is an ``nn.Module``; a plain
+            function must name them (``()`` when only ``y0`` matters).
+        adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: the backward solve's
+            settings; each defaults to its forward counterpart.
+        seminorm: leave the parameter adjoint out of the backward error norm (fewer backward
+            steps; the parameter gradient is then integrated at the accuracy the state and its
+            adjoint need).
+        checkpoints: ``None`` (default) for the backsolve adjoint: memory independent of the
+            number of steps. An integer ``K >= 1`` splits ``[t_0, t_N]`` into ``K`` segments of equal
+            length: the forward pass solves them one after another and keeps the ``K + 1``
+            boundary states; the backward pass re-solves each segment forward from its stored
+            state and backpropagates through it. The gradient is then exact for the computation
+            performed (no backward reconstruction, no drift), at the cost of memory for ``K``
+            states plus one segment's graph, O(K + N/K) for N steps.
+        return_stats: also return an :class:`AdjointStats`; its backward fields fill in when
+            ``backward()`` runs.
+
+    Returns:
+        As :func:`neuralode.odeint`.
+
+    Raises:
+        TypeError, ValueError: for bad arguments, naming the argument and the fix.
+    """
+    setup = _Setup(func, y0, t, method, rtol, atol, options, flat=True)
+    params = _adjoint_params(func, adjoint_params)
+    back_method = method if adjoint_method is None else adjoint_method
+    back = _Setup(func, y0, t, back_method,
+                  rtol if adjoint_rtol is None else adjoint_rtol,
+                  atol if adjoint_atol is None else adjoint_atol,
+                  options if adjoint_options is None and back_method == method else adjoint_options,
+                  flat=True)
+    if checkpoints is not None and (isinstance(checkpoints, bool) or not isinstance(checkpoints, int)
+                                    or checkpoints < 1):
+        raise ValueError(f"odeint_adjoint: checkpoints must be None or an integer >= 1, got {checkpoints!r}.")
+    t_tensor = t if isinstance(t, Tensor) else torch.tensor(setup.times, dtype=torch.float64)
+    stats = AdjointStats()
+    ys = _Adjoint.apply(setup, back, bool(seminorm), checkpoints, stats, setup.y_start, t_tensor, *params)
+    result = setup.stack(list(ys))
+    return (result, stats) if return_stats else result
+
+
+def _adjoint_params(func, adjoint_params) -> tuple:
+    if adjoint_params is None:
+        if not isinstance(func, nn.Module):
+            raise ValueError(
+                "odeint_adjoint: func is a plain function, so its parameters cannot be found: pass "
+                "adjoint_params=(tensor, ...) with the tensors to differentiate, or adjoint_params=() "
+                "when only y0 (and t) need gradients.")
+        adjoint_params = tuple(func.parameters())
+    params = tuple(adjoint_params)
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"odeint_adjoint: adjoint_params[{i}] must be a tensor, got {type(p).__name__}.")
+    return tuple(p for p in params if p.requires_grad)
+
+
+def _segments(times: list, k: int) -> list:
+    """``k`` equal segments of ``[times[0], times[-1]]``, each with the grid the engine solves on.
+
+    Returns ``[(grid, interior, last), ...]``: ``grid`` runs from the segment's start through the
+    output times strictly inside it to its end; ``interior`` are those outputs' indices; ``last`` is
+    the index of the output time the segment ends on, or None. A boundary within rounding of an
+    output time snaps to it, so no segment ends a hair's breadth from an output.
+    """
+    t0, t1 = times[0], times[-1]
+    direction = 1.0 if t1 >= t0 else -1.0
+    bounds = [t0 + (t1 - t0) * i / k for i in range(k)] + [t1]
+    snap = 1e-9 * abs(t1 - t0)
+    bounds = [min(times, key=lambda s: abs(s - b)) if min(abs(s - b) for s in times) <= snap else b
+              for b in bounds]
+    segments, j = [], 1
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        interior = []
+        while j < len(times) and (end - times[j]) * direction > 0:
+            interior.append(j)
+            j += 1
+        last = None
+        if j < len(times) and times[j] == end:
+            last, j = j, j + 1
+        segments.append(([start] + [times[i] for i in interior] + [end], interior, last))
+    return segments
+
+
+class _Adjoint(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, setup, back, seminorm, checkpoints, stats, y0, t, *params):
+        dynamics = setup.dynamics(stats)
+        solve = dict(rtol=setup.rtol, atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats)
+        with torch.no_grad():
+            if checkpoints is None:
+                ys = torch.stack(_rk.solve(dynamics, y0, setup.times, setup.tableau, **solve))
+                saved = ()
+            else:
+                ys, states = [y0], [y0]
+                for grid, interior, last in _segments(setup.times, checkpoints):
+                    seg = _rk.solve(dynamics, states[-1], grid, setup.tableau, **solve)
+                    ys.extend(seg[1:-1])
+                    if last is not None:
+                        ys.append(seg[-1])
+                    states.append(seg[-1])
+                ys = torch.stack(ys)
+                saved = tuple(states)
+        ctx.setup, ctx.back, ctx.seminorm, ctx.checkpoints, ctx.stats = setup, back, seminorm, checkpoints, stats
+        ctx.t_requires_grad, ctx.t_dtype, ctx.t_device = t.requires_grad, t.dtype, t.device
+        ctx.save_for_backward(ys, *params, *saved)
+        ctx.n_params = len(params)
+        return ys
+
+    @staticmethod
+    def backward(ctx, grad_ys):
+        setup, back, stats = ctx.setup, ctx.back, ctx.stats
+        ys, *rest = ctx.saved_tensors
+        params, states = tuple(rest[:ctx.n_params]), rest[ctx.n_params:]
+        times = setup.times
+        if ctx.checkpoints is None:
+            grad_y0, grad_params = _backsolve(setup, back, ctx.seminorm, stats, ys, grad_ys, params)
+        else:
+            grad_y0, grad_params = _resolve_segments(setup, ctx.checkpoints, stats, states, grad_ys, params)
+        grad_t = None
+        if ctx.t_requires_grad:
+            # z(t_i) moves with t_i along the trajectory: dL/dt_i = g_i . f(t_i, z_i) for i >= 1.
+            # Moving t_0 shifts the whole solution: dL/dt_0 = -a(t_0) . f(t_0, z_0), where a(t_0)
+            # counts only the later outputs (the output at t_0 is y0 itself, whatever t_0 is).
+            with torch.no_grad():
+                slopes = torch.stack([setup.call(setup.time(s), y) for s, y in zip(times, ys)])
+                grad_t = (grad_ys * slopes).sum(dim=1)
+                grad_t[0] = -((grad_y0 - grad_ys[0]) * slopes[0]).sum()
+                grad_t = grad_t.to(dtype=ctx.t_dtype, device=ctx.t_device)
+        return (None, None, None, None, None, grad_y0, grad_t, *grad_params)
+
+
+def _vjp(outputs, inputs, cotangents):
+    """``sum_k cotangent_k . d output_k / d input`` for every input, zeros where unconnected."""
+    connected = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not connected:
+        return [torch.zeros_like(x) for x in inputs]
+    outs, cots = zip(*connected)
+    grads = torch.autograd.grad(outs, inputs, grad_outputs=cots, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
+
+
+def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
+    """Integrate [z, a, a_theta] backwards over each output interval (Algorithm 1)."""
+    n, dim = len(setup.times), ys.shape[1]
+    sizes = [dim, dim] + [p.numel() for p in params]
+
+    def augmented(s: float, x: Tensor) -> Tensor:
+        stats.backward_nfe += 1
+        z, a = x[:dim], x[dim:2 * dim]
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            f = setup.call(setup.time(s), z)
+            vjps = _vjp([f], (z,) + params, [a])
+        # d/dt [z, a, a_theta] = [f, -a df/dz, -a df/dtheta]
+        return torch.cat([f.detach(), -vjps[0]] + [-v.reshape(-1).to(x.dtype) for v in vjps[1:]])
+
+    def norm(x: Tensor) -> Tensor:
+        chunks = torch.split(x, sizes)
+        if seminorm:
+            chunks = chunks[:2]
+        return torch.stack([_rk.rms_norm(c) for c in chunks if c.numel()]).max()
+
+    back_stats = SolverStats()
+    a = grad_ys[-1]
+    a_params = torch.zeros(sum(sizes[2:]), dtype=ys.dtype, device=ys.device)
+    with torch.no_grad():
+        for i in range(n - 1, 0, -1):
+            x = torch.cat([ys[i], a, a_params])
+            x = _rk.solve(augmented, x, [setup.times[i], setup.times[i - 1]], back.tableau, rtol=back.rtol,
+                          atol=back.atol, norm=norm, options=back.options, stats=back_stats)[-1]
+            # Keep the forward pass's z(t_{i-1}); add the loss's direct dependence on it.
+            a = x[dim:2 * dim] + grad_ys[i - 1]
+            a_params = x[2 * dim:]
+    stats.backward_n_accepted += back_stats.n_accepted
+    stats.backward_n_rejected += back_stats.n_rejected
+    grads = torch.split(a_params, sizes[2:])
+    return a, [g.view_as(p).to(p.dtype) for g, p in zip(grads, params)]
+
+
+def _resolve_segments(setup, k, stats, states, grad_ys, params):
+    """Checkpointed gradients: re-solve each segment forward from its stored state, backprop through it."""
+    times = setup.times
+    seg_stats = SolverStats()
+    dynamics = setup.dynamics(seg_stats)
+    a = torch.zeros_like(states[-1])
+    grad_params = [torch.zeros_like(p) for p in params]
+    segments = _segments(times, k)
+    for idx in range(len(segments) - 1, -1, -1):
+        grid, interior, last = segments[idx]
+        with torch.enable_grad():
+            z = states[idx].detach().requires_grad_(True)
+            # The same calls as the forward pass, so the same steps: the re-solve reproduces it.
+            outs = _rk.solve(dynamics, z, grid, setup.tableau, rtol=setup.rtol, atol=setup.atol,
+                             norm=setup.norm, options=setup.options, stats=seg_stats)
+            end_grad = a if last is None else a + grad_ys[last]
+            grads = _vjp(outs[1:], (z,) + params, [grad_ys[j] for j in interior] + [end_grad])
+        a = grads[0]
+        for g, acc in zip(grads[1:], grad_params):
+            acc.add_(g)
+    stats.backward_nfe += seg_stats.nfe
+    stats.backward_n_accepted += seg_stats.n_accepted
+    stats.backward_n_rejected += seg_stats.n_rejected
+    return a + grad_ys[0], grad_params
