@@ -7,14 +7,18 @@ from . import adjoint, data, exercises, nets, plotting, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from ._tableaus import TABLEAUS, ButcherTableau
-from .nets import Augment, ConcatLinear, MLPDynamics, ODEBlock
-from .training import PROFILES, default_device, resolve_profile, saved_tensor_bytes, seed_everything
+from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
+                   count_parameters, make_classifier)
+from .training import (PROFILES, History, default_device, evaluate, fit, resolve_profile, saved_tensor_bytes,
+                       seed_everything)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "odeint", "odeint_adjoint", "METHODS", "SolverStats", "AdjointStats", "ButcherTableau", "TABLEAUS",
-    "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment",
+    "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
+    "make_classifier", "count_parameters",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
+    "fit", "evaluate", "History",
     "adjoint", "data", "exercises", "nets", "plotting", "training",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,7 +16,8 @@ from torch import Tensor, nn
 from ._odeint import odeint
 from .adjoint import odeint_adjoint
 
-__all__ = ["ConcatLinear", "MLPDynamics", "ODEBlock", "Augment"]
+__all__ = ["ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
+           "downsampling_stem", "classifier_head", "make_classifier", "count_parameters", "CLASSIFIERS"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU}
 
@@ -146,3 +148,119 @@ class Augment(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.pad(x, (0, self.extra_dims))
+
+
+# --- The paper's MNIST models (Chen et al. 2018, section 3; the reference implementation's sizes) ---
+
+
+def _norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(32, channels), channels)
+
+
+class ConcatConv2d(nn.Module):
+    """A convolution that also sees time: ``conv([z, t])`` with ``t`` as one extra constant channel.
+
+    Shapes: ``forward(t, z)`` maps ``t: ()`` and ``z: (B, C_in, H, W)`` to ``(B, C_out, H', W')``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1,
+                 padding: int = 1, bias: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels + 1, out_channels, kernel_size, stride, padding, bias=bias)
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        tt = t.expand(z.shape[0], 1, *z.shape[2:])
+        return self.conv(torch.cat([tt, z], dim=1))
+
+
+class ConvODEFunc(nn.Module):
+    """The reference MNIST ODE-Net dynamics: norm, ReLU, time-conv, norm, ReLU, time-conv, norm.
+
+    Shapes: ``forward(t, z)`` maps ``z: (B, C, H, W)`` to ``(B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = _norm(channels), _norm(channels), _norm(channels)
+        self.conv1 = ConcatConv2d(channels, channels)
+        self.conv2 = ConcatConv2d(channels, channels)
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        out = self.conv1(t, torch.relu(self.norm1(z)))
+        out = self.conv2(t, torch.relu(self.norm2(out)))
+        return self.norm3(out)
+
+
+class ResBlock(nn.Module):
+    """A pre-activation residual block, ``h + f(h)`` (He et al. 2016), as in the paper's ResNet.
+
+    Shapes: ``(B, C, H, W)`` to ``(B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int = 64):
+        super().__init__()
+        self.norm1, self.norm2 = _norm(channels), _norm(channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+
+    def forward(self, h: Tensor) -> Tensor:
+        out = self.conv1(torch.relu(self.norm1(h)))
+        return h + self.conv2(torch.relu(self.norm2(out)))
+
+
+def downsampling_stem(in_channels: int = 1, channels: int = 64, image_size: int = 28) -> nn.Sequential:
+    """Conv 3x3, then stride-2 convs: 28x28 MNIST becomes 6x6 feature maps (two halvings); images
+    smaller than 16 pixels (the 8x8 digits) are halved once, to 3x3.
+
+    Shapes: ``(B, in_channels, H, W)`` to ``(B, channels, H', W')``.
+    """
+    layers = [nn.Conv2d(in_channels, channels, 3, 1)]
+    for _ in range(2 if image_size >= 16 else 1):
+        layers += [_norm(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 4, 2, 1)]
+    return nn.Sequential(*layers)
+
+
+def classifier_head(channels: int = 64, num_classes: int = 10) -> nn.Sequential:
+    """Norm, ReLU, global average pooling, linear: ``(B, C, H, W)`` to logits ``(B, num_classes)``."""
+    return nn.Sequential(_norm(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, num_classes))
+
+
+#: The models of the paper's Table 1, by name.
+CLASSIFIERS = ("mlp", "resnet", "rknet", "odenet")
+
+
+def make_classifier(kind: str, *, in_channels: int = 1, image_size: int = 28, channels: int = 64,
+                    num_classes: int = 10, rtol: float = 1e-3, atol: float = 1e-3, adjoint: bool = False,
+                    rk_step: float = 0.25, resnet_blocks: int = 6, mlp_hidden: int = 300) -> nn.Module:
+    """One of the paper's Table 1 models; all but the MLP share the same stem and head.
+
+    Args:
+        kind: ``"mlp"`` (one hidden layer), ``"resnet"`` (``resnet_blocks`` residual blocks),
+            ``"rknet"`` (the ODE function backpropagated through fixed-step RK4 with step
+            ``rk_step``) or ``"odenet"`` (dopri5 at ``rtol``/``atol``, adjoint if asked).
+        in_channels, image_size, num_classes: the data's shape.
+        channels: feature channels (64 in the paper).
+
+    Returns:
+        An ``nn.Module`` mapping images ``(B, in_channels, image_size, image_size)`` to logits.
+    """
+    if kind == "mlp":
+        pixels = in_channels * image_size * image_size
+        return nn.Sequential(nn.Flatten(), nn.Linear(pixels, mlp_hidden), nn.ReLU(inplace=True),
+                             nn.Linear(mlp_hidden, num_classes))
+    if kind == "resnet":
+        feature = nn.Sequential(*[ResBlock(channels) for _ in range(resnet_blocks)])
+    elif kind == "rknet":
+        feature = ODEBlock(ConvODEFunc(channels), method="rk4", options={"step_size": rk_step})
+    elif kind == "odenet":
+        feature = ODEBlock(ConvODEFunc(channels), rtol=rtol, atol=atol, adjoint=adjoint)
+    else:
+        raise ValueError(f"make_classifier: unknown kind {kind!r}; choose one of {', '.join(CLASSIFIERS)}.")
+    return nn.Sequential(downsampling_stem(in_channels, channels, image_size), feature,
+                         classifier_head(channels, num_classes))
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
