@@ -3,9 +3,12 @@
 The public API, re-exported here and nothing else.
 """
 
-from . import adjoint, data, exercises, nets, plotting, training
+from . import adjoint, cnf, data, exercises, flows, nets, plotting, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
+from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
+                  divergence_hutchinson)
+from .flows import PlanarFlow
 from ._tableaus import TABLEAUS, ButcherTableau
 from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
                    count_parameters, make_classifier)
@@ -18,7 +21,9 @@ __all__ = [
     "odeint", "odeint_adjoint", "METHODS", "SolverStats", "AdjointStats", "ButcherTableau", "TABLEAUS",
     "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
     "make_classifier", "count_parameters",
+    "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
+    "divergence_hutchinson", "PlanarFlow",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
-    "adjoint", "data", "exercises", "nets", "plotting", "training",
+    "adjoint", "cnf", "data", "exercises", "flows", "nets", "plotting", "training",
 ]
