@@ -43,7 +43,8 @@ class AdjointStats(SolverStats):
     Attributes:
         backward_nfe: evaluations of the dynamics during the backward pass (each is one
             evaluation of ``func`` plus one vector-Jacobian product).
-        backward_n_accepted, backward_n_rejected: steps of the backward solve(s).
+        backward_n_accepted: accepted steps of the backward solve(s).
+        backward_n_rejected: rejected steps of the backward solve(s).
     """
 
     backward_nfe: int = 0

@@ -81,9 +81,14 @@ class History:
     """What ``fit`` measured, epoch by epoch (lists of equal length) and batch by batch.
 
     Attributes:
-        epoch_train_loss, epoch_val_loss, epoch_val_accuracy, epoch_seconds: one entry per epoch.
-        batch_loss, batch_nfe, batch_backward_nfe: one entry per training batch; NFE summed over
-            the model's ODE blocks (0 for models without one).
+        epoch_train_loss: mean training loss of each epoch.
+        epoch_val_loss: validation loss after each epoch (empty without a validation loader).
+        epoch_val_accuracy: validation accuracy after each epoch.
+        epoch_seconds: wall time of each epoch's training.
+        batch_loss: the loss of every training batch.
+        batch_nfe: forward function evaluations of every batch, summed over the model's ODE
+            blocks (0 for models without one).
+        batch_backward_nfe: backward (adjoint) function evaluations of every batch.
     """
 
     epoch_train_loss: List[float] = field(default_factory=list)
