@@ -3,12 +3,13 @@
 The public API, re-exported here and nothing else.
 """
 
-from . import adjoint, cnf, data, exercises, flows, nets, plotting, poisson, training
+from . import adjoint, cnf, data, exercises, flows, latent, nets, plotting, poisson, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
                   divergence_hutchinson)
 from .flows import PlanarFlow
+from .latent import LatentODE, RecognitionRNN, RNNBaseline
 from .poisson import compensator, poisson_log_likelihood, simulate_thinning
 from ._tableaus import TABLEAUS, ButcherTableau
 from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
@@ -24,7 +25,8 @@ __all__ = [
     "make_classifier", "count_parameters",
     "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
     "divergence_hutchinson", "PlanarFlow", "poisson_log_likelihood", "compensator", "simulate_thinning",
+    "LatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
-    "adjoint", "cnf", "data", "exercises", "flows", "nets", "plotting", "poisson", "training",
+    "adjoint", "cnf", "data", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
 ]
