@@ -58,22 +58,38 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def saved_tensor_bytes(fn: Callable[[], object]) -> int:
+def saved_tensor_bytes(fn: Callable[[], object], peak: bool = False) -> int:
     """Bytes autograd saves for the backward pass while ``fn()`` runs (the memory cost of gradients).
 
     Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an operation keeps for
-    its backward is counted once per save, at its full size. Returns the total in bytes.
+    its backward is counted at its full size each time it is saved.
+
+    Args:
+        fn: the computation; include ``backward()`` in it to see what the backward pass builds
+            (the checkpointed adjoint re-solves segments there).
+        peak: return the most bytes held at any one moment instead of the total ever saved; a
+            saved tensor stops counting once autograd releases it.
+
+    Returns:
+        Bytes.
     """
-    total = 0
+    total = live = highest = 0
 
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += x.numel() * x.element_size()
-        return x
+    class Held:  # one saved tensor, counted while autograd keeps it
+        def __init__(self, x: torch.Tensor):
+            nonlocal total, live, highest
+            self.x, self.nbytes = x, x.numel() * x.element_size()
+            total += self.nbytes
+            live += self.nbytes
+            highest = max(highest, live)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        def __del__(self):
+            nonlocal live
+            live -= self.nbytes
+
+    with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.x):
         fn()
-    return total
+    return highest if peak else total
 
 
 @dataclass
