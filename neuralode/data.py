@@ -1,0 +1,270 @@
+"""Data sets for the book's chapters: small synthetic ones generated locally, and images.
+
+Every generator is seeded through its own :class:`torch.Generator`, so a call with the same
+arguments returns the same tensors on every machine and never touches PyTorch's global random
+state. Samples are drawn on the CPU in float64 and only then cast to the requested ``dtype`` and
+moved to ``device``, so the values do not depend on where they end up.
+
+Classification sets return ``(X, y)`` with ``X`` of shape ``(n, 2)`` and ``y`` of shape ``(n,)``
+(``torch.long``, classes ``0`` and ``1``), classes balanced to within one point and shuffled.
+
+Images: :func:`image_classification` loads MNIST through torchvision when it can be had and says
+plainly when it cannot, falling back to scikit-learn's bundled 8x8 digits (the offline build).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch.utils.data import DataLoader, Subset, TensorDataset
+
+__all__ = ["nested_rings", "two_moons", "ImageData", "image_classification"]
+
+
+def _check_common(n: int, dtype: torch.dtype) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"n must be an int (the number of points), got {type(n).__name__}")
+    if n < 2:
+        raise ValueError(f"n must be at least 2 so that both classes appear, got n={n}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype such as torch.float32, got {dtype!r}")
+
+
+def _generator(seed: int) -> torch.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _labels_and_shuffle(
+    parts: tuple[torch.Tensor, torch.Tensor], gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    X = torch.cat(parts)
+    y = torch.cat([torch.full((len(p),), k, dtype=torch.long) for k, p in enumerate(parts)])
+    perm = torch.randperm(len(X), generator=gen)
+    return X[perm], y[perm]
+
+
+def nested_rings(
+    n: int,
+    *,
+    seed: int = 0,
+    radii: tuple[float, float, float] = (0.5, 1.0, 1.5),
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A disc nested inside an annulus: the set a 2-D ODE flow cannot separate.
+
+    Class 0 is uniform on the disc ``|x| <= r1``, class 1 uniform on the annulus
+    ``r2 <= |x| <= r3`` with ``radii = (r1, r2, r3)``. This is the function ``g`` of Dupont,
+    Doucet & Teh, "Augmented Neural ODEs" (2019), Section 4: no homeomorphism of the plane
+    followed by a linear classifier separates the two classes.
+
+    Args:
+        n: number of points, at least 2; ``n // 2`` land on the disc, the rest on the annulus.
+        seed: seed of the private random generator.
+        radii: ``(r1, r2, r3)`` with ``0 < r1 < r2 < r3``; the gap ``(r1, r2)`` stays empty.
+        dtype: floating-point dtype of ``X``.
+        device: device of both returned tensors (default: CPU).
+
+    Returns:
+        ``(X, y)``: ``X`` of shape ``(n, 2)`` and dtype ``dtype``; ``y`` of shape ``(n,)``,
+        ``torch.long``, 0 for the disc and 1 for the annulus. Rows are shuffled.
+    """
+    _check_common(n, dtype)
+    r1, r2, r3 = (float(r) for r in radii)
+    if not 0.0 < r1 < r2 < r3:
+        raise ValueError(f"radii must satisfy 0 < r1 < r2 < r3, got radii={radii}")
+    gen = _generator(seed)
+    n0 = n // 2
+    n1 = n - n0
+    d = torch.float64
+
+    def polar(r: torch.Tensor) -> torch.Tensor:
+        theta = 2.0 * math.pi * torch.rand(len(r), generator=gen, dtype=d)
+        return torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=1)
+
+    # Radii drawn as sqrt of a uniform variable give a uniform density per unit area.
+    disc = polar(r1 * torch.sqrt(torch.rand(n0, generator=gen, dtype=d)))
+    u = torch.rand(n1, generator=gen, dtype=d)
+    ring = polar(torch.sqrt(r2**2 + u * (r3**2 - r2**2)))
+    X, y = _labels_and_shuffle((disc, ring), gen)
+    return X.to(device=device, dtype=dtype), y.to(device=device)
+
+
+def two_moons(
+    n: int,
+    *,
+    noise: float = 0.1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two interleaving half circles (the classic "two moons"), with Gaussian noise.
+
+    Class 0 lies near the upper half circle ``(cos s, sin s)``, class 1 near the lower one
+    ``(1 - cos s, 0.5 - sin s)``, with ``s`` uniform on ``[0, pi]``; the same geometry as
+    ``sklearn.datasets.make_moons``, drawn at random angles rather than on a grid.
+
+    Args:
+        n: number of points, at least 2; ``n // 2`` in class 0, the rest in class 1.
+        noise: standard deviation of the isotropic Gaussian noise added to every point (>= 0).
+        seed: seed of the private random generator.
+        dtype: floating-point dtype of ``X``.
+        device: device of both returned tensors (default: CPU).
+
+    Returns:
+        ``(X, y)``: ``X`` of shape ``(n, 2)`` and dtype ``dtype``; ``y`` of shape ``(n,)``,
+        ``torch.long`` in ``{0, 1}``. Rows are shuffled.
+    """
+    _check_common(n, dtype)
+    noise = float(noise)
+    if not noise >= 0.0:  # also rejects NaN
+        raise ValueError(f"noise must be a non-negative standard deviation, got noise={noise}")
+    gen = _generator(seed)
+    n0 = n // 2
+    n1 = n - n0
+    d = torch.float64
+    s0 = math.pi * torch.rand(n0, generator=gen, dtype=d)
+    s1 = math.pi * torch.rand(n1, generator=gen, dtype=d)
+    upper = torch.stack([torch.cos(s0), torch.sin(s0)], dim=1)
+    lower = torch.stack([1.0 - torch.cos(s1), 0.5 - torch.sin(s1)], dim=1)
+    X, y = _labels_and_shuffle((upper, lower), gen)
+    X = X + noise * torch.randn(X.shape, generator=gen, dtype=d)
+    return X.to(device=device, dtype=dtype), y.to(device=device)
+
+
+# --- Image classification: MNIST when it can be had, scikit-learn's 8x8 digits when not ----------
+
+
+@dataclass
+class ImageData:
+    """Train and test loaders for an image classification task, and what they hold.
+
+    Attributes:
+        name: ``"mnist"`` or ``"digits"``: which data set was actually used (record it with results).
+        train, test: ``DataLoader`` s of ``(x, y)``, ``x: (B, 1, S, S)`` normalised, ``y: (B,)`` long.
+        image_size, in_channels, num_classes: the shape the models need.
+        note: one sentence saying where the data came from (and why, after a fallback).
+    """
+
+    name: str
+    train: DataLoader
+    test: DataLoader
+    image_size: int
+    in_channels: int
+    num_classes: int
+    note: str
+
+    @property
+    def n_train(self) -> int:
+        return len(self.train.dataset)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.test.dataset)
+
+
+def _subset(dataset, n: Optional[int], generator: torch.Generator):
+    if n is None or n >= len(dataset):
+        return dataset
+    return Subset(dataset, torch.randperm(len(dataset), generator=generator)[:n].tolist())
+
+
+def _mnist(root: str, augment: bool, timeout: float):
+    import socket
+
+    import torchvision
+    from torchvision import transforms
+
+    normalize = transforms.Normalize((0.1307,), (0.3081,))
+    train_tf = [transforms.RandomCrop(28, padding=4)] if augment else []
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(timeout)  # a download that cannot finish fails, it does not hang
+    try:
+        train = torchvision.datasets.MNIST(root, train=True, download=True,
+                                           transform=transforms.Compose(train_tf + [transforms.ToTensor(), normalize]))
+        test = torchvision.datasets.MNIST(root, train=False, download=True,
+                                          transform=transforms.Compose([transforms.ToTensor(), normalize]))
+    finally:
+        socket.setdefaulttimeout(previous)
+    return train, test
+
+
+def _digits(seed: int, test_fraction: float = 0.2):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = (x - x.mean()) / x.std()
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_test = int(round(test_fraction * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
+
+
+def image_classification(
+    name: str = "mnist",
+    *,
+    root: str = "~/.cache/neuralode/mnist",
+    batch_size: int = 128,
+    test_batch_size: int = 1000,
+    train_subset: Optional[int] = None,
+    test_subset: Optional[int] = None,
+    augment: bool = False,
+    seed: int = 0,
+    download_timeout: float = 30.0,
+    verbose: bool = True,
+) -> ImageData:
+    """MNIST through torchvision when it can be had, else scikit-learn's bundled 8x8 digits.
+
+    With ``name="mnist"`` the data are downloaded to ``root`` (or read from it). When that fails
+    (no network, as in the book's offline build), a plain message says so and the 1,797 8x8
+    handwritten digits that ship with scikit-learn are used instead, with the same interface:
+    80% for training, 20% for testing, split with ``seed``. ``name="digits"`` asks for them directly.
+
+    Args:
+        name: ``"mnist"`` or ``"digits"``.
+        root: where MNIST is stored.
+        batch_size, test_batch_size: loader batch sizes; the training loader shuffles with a
+            generator seeded by ``seed`` (so :func:`neuralode.fit` can resume it exactly).
+        train_subset, test_subset: keep a random subset of this many examples (the ``cpu``
+            and ``smoke`` profiles).
+        augment: MNIST's random crop with 4 pixels of padding (the reference training recipe).
+        download_timeout: seconds a stalled download may wait before giving up.
+        verbose: print which data set is used and why.
+
+    Returns:
+        An :class:`ImageData`.
+    """
+    if name not in ("mnist", "digits"):
+        raise ValueError(f"image_classification: unknown data set {name!r}; choose 'mnist' or 'digits'.")
+    data = None
+    if name == "mnist":
+        try:
+            train, test = _mnist(os.path.expanduser(root), augment, download_timeout)
+            data = ("mnist", train, test, 28, f"MNIST from torchvision ({root}).")
+        except Exception as exc:  # no network, a proxy, a corrupt file: all mean "not available here"
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+            reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+            note = (f"MNIST could not be loaded ({reason[:200]}); using scikit-learn's 8x8 handwritten "
+                    "digits instead (1,797 images, bundled, no download).")
+    else:
+        note = "scikit-learn's 8x8 handwritten digits (1,797 images, bundled, no download)."
+    if data is None:
+        train, test = _digits(seed)
+        data = ("digits", train, test, 8, note)
+    used, train, test, size, note = data
+    generator = torch.Generator().manual_seed(seed)
+    train, test = _subset(train, train_subset, generator), _subset(test, test_subset, generator)
+    train_loader = DataLoader(train, batch_size=batch_size, shuffle=True,
+                              generator=torch.Generator().manual_seed(seed), drop_last=False)
+    test_loader = DataLoader(test, batch_size=test_batch_size, shuffle=False)
+    if verbose:
+        print(f"Data: {used}: {note} {len(train)} training and {len(test)} test images.")
+    return ImageData(used, train_loader, test_loader, size, 1, 10, note)
