@@ -22,7 +22,8 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-__all__ = ["nested_rings", "two_moons", "ImageData", "image_classification"]
+__all__ = ["nested_rings", "two_moons", "ImageData", "image_classification", "TOY_DENSITIES", "toy_density",
+           "target_energy", "Spirals", "spirals"]
 
 
 def _check_common(n: int, dtype: torch.dtype) -> None:
@@ -268,3 +269,171 @@ def image_classification(
     if verbose:
         print(f"Data: {used}: {note} {len(train)} training and {len(test)} test images.")
     return ImageData(used, train_loader, test_loader, size, 1, 10, note)
+
+
+# --- 2-D densities: FFJORD's toy data sets and unnormalised target energies ---------------------
+
+
+def _toy_sample(name: str, n: int, g: torch.Generator) -> torch.Tensor:
+    """``n`` points of a FFJORD toy density (float64), following the generating recipes of
+    Grathwohl et al. (2019), written with torch's seeded generator."""
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64)
+
+    if name == "8gaussians":
+        s = 1 / math.sqrt(2)
+        centers = 4 * torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [s, s], [s, -s], [-s, s], [-s, -s]],
+                                   dtype=torch.float64)
+        which = torch.randint(0, 8, (n,), generator=g)
+        return (0.5 * randn(n, 2) + centers[which]) / 1.414
+    if name == "2spirals":
+        half = n // 2
+        r = torch.sqrt(rand(n - half, 1)) * 540 * (2 * math.pi) / 360
+        x = torch.cat([-torch.cos(r) * r + 0.5 * rand(n - half, 1), torch.sin(r) * r + 0.5 * rand(n - half, 1)], 1)
+        both = torch.cat([x, -x])[:n] / 3
+        return both + 0.1 * randn(n, 2)
+    if name == "checkerboard":
+        x1 = 4 * rand(n) - 2
+        x2 = rand(n) - 2 * torch.randint(0, 2, (n,), generator=g).double() + torch.floor(x1) % 2
+        return 2 * torch.stack([x1, x2], dim=1)
+    if name == "moons":
+        x, _ = two_moons(n, noise=0.1, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=g)), dtype=torch.float64)
+        return 2 * x + torch.tensor([-1.0, -0.2], dtype=torch.float64)
+    if name in ("circles", "rings"):
+        radii = (1.0, 0.5) if name == "circles" else (1.0, 0.75, 0.5, 0.25)
+        scale, noise = (3.0, 0.08 * 3) if name == "circles" else (3.0, 0.08)
+        which = torch.randint(0, len(radii), (n,), generator=g)
+        angle = 2 * math.pi * rand(n)
+        r = torch.tensor(radii, dtype=torch.float64)[which] * scale
+        return torch.stack([r * torch.cos(angle), r * torch.sin(angle)], dim=1) + noise * randn(n, 2)
+    if name == "pinwheel":
+        arms, radial, tangential, rate = 5, 0.3, 0.1, 0.25
+        which = torch.randint(0, arms, (n,), generator=g)
+        feats = randn(n, 2) * torch.tensor([radial, tangential], dtype=torch.float64)
+        feats[:, 0] += 1.0
+        angle = 2 * math.pi * which.double() / arms + rate * torch.exp(feats[:, 0])
+        c, s = torch.cos(angle), torch.sin(angle)
+        rotated = torch.stack([c * feats[:, 0] - s * feats[:, 1], s * feats[:, 0] + c * feats[:, 1]], dim=1)
+        return 2 * rotated
+    if name == "swissroll":
+        t = 1.5 * math.pi * (1 + 2 * rand(n))
+        x = torch.stack([t * torch.cos(t), t * torch.sin(t)], dim=1) + randn(n, 2)
+        return x / 5
+    raise ValueError(f"toy_density: unknown name {name!r}; choose one of {', '.join(TOY_DENSITIES)}.")
+
+
+#: The 2-D data sets of FFJORD's toy experiments.
+TOY_DENSITIES = ("8gaussians", "2spirals", "checkerboard", "moons", "circles", "rings", "pinwheel", "swissroll")
+
+
+def toy_density(name: str, n: int, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """``n`` samples ``(n, 2)`` from one of :data:`TOY_DENSITIES` (Grathwohl et al. 2019).
+
+    "circles" is two noisy concentric circles (radii 3 and 1.5); "moons" is :func:`two_moons`
+    scaled by 2 and shifted by (-1, -0.2), as FFJORD does.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"toy_density: n must be a positive int, got {n!r}.")
+    return _toy_sample(name, n, _generator(seed)).to(dtype=dtype, device=device)
+
+
+def target_energy(name: str, z: torch.Tensor) -> torch.Tensor:
+    r"""Unnormalised 2-D target densities :math:`p(z) \propto e^{-U(z)}` for reverse-KL fitting.
+
+    The four energies ``"u1"`` .. ``"u4"`` of Rezende & Mohamed (2015, Table 1), used by the
+    paper's Figure 4. ``z: (B, 2)`` to ``U(z): (B,)``.
+    """
+    z1, z2 = z[:, 0], z[:, 1]
+    w1 = torch.sin(2 * math.pi * z1 / 4)
+    if name == "u1":
+        ring = 0.5 * ((z.norm(dim=1) - 2) / 0.4) ** 2
+        return ring - torch.logsumexp(torch.stack([-0.5 * ((z1 - 2) / 0.6) ** 2, -0.5 * ((z1 + 2) / 0.6) ** 2]), 0)
+    if name == "u2":
+        return 0.5 * ((z2 - w1) / 0.4) ** 2
+    if name == "u3":
+        w2 = 3 * torch.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+        return -torch.logsumexp(torch.stack([-0.5 * ((z2 - w1) / 0.35) ** 2, -0.5 * ((z2 - w1 + w2) / 0.35) ** 2]), 0)
+    if name == "u4":
+        w3 = 3 * torch.sigmoid((z1 - 1) / 0.3)
+        return -torch.logsumexp(torch.stack([-0.5 * ((z2 - w1) / 0.4) ** 2, -0.5 * ((z2 - w1 + w3) / 0.35) ** 2]), 0)
+    raise ValueError(f"target_energy: unknown target {name!r}; choose u1, u2, u3 or u4.")
+
+
+# --- The paper's spirals: irregularly sampled time series (Chen et al. 2018, section 5.2) -------
+
+
+@dataclass
+class Spirals:
+    """Noisy 2-D spirals for the latent ODE, split into training and test series.
+
+    Attributes:
+        t: the shared time grid of one series, ``(n_sample + n_extrapolate,)``, starting at 0.
+        train_x: noisy observations, ``(N_train, n_sample + n_extrapolate, 2)``.
+        train_clean: the noise-free trajectories at the same times.
+        train_mask: which of the first ``n_sample`` grid points each series observed
+            (``n_observed`` of them, chosen at random per series); ``(N_train, T)``, never
+            True in the extrapolation window.
+        test_x: noisy observations of the held-out series.
+        test_clean: their noise-free trajectories.
+        test_mask: their observed points.
+        clockwise: the rotation of every training series and then every test series, ``(N,)`` bool.
+        n_sample: length of the observation window (grid points).
+    """
+
+    t: torch.Tensor
+    train_x: torch.Tensor
+    train_clean: torch.Tensor
+    train_mask: torch.Tensor
+    test_x: torch.Tensor
+    test_clean: torch.Tensor
+    test_mask: torch.Tensor
+    clockwise: torch.Tensor
+    n_sample: int
+
+
+def spirals(n_spirals: int = 1000, *, n_total: int = 500, n_sample: int = 100, n_extrapolate: int = 100,
+            n_observed: int = 100, stop: float = 6 * math.pi, noise_std: float = 0.3, a: float = 0.0,
+            b: float = 0.3, test_fraction: float = 0.2, seed: int = 0,
+            dtype: torch.dtype = torch.float32) -> Spirals:
+    r"""The paper's spirals, clockwise and counter-clockwise (the reference example's generator).
+
+    A counter-clockwise spiral :math:`r = a + b\,s` centred at :math:`(5, 0)` and a clockwise one
+    :math:`r = a + 50 b / s` centred at :math:`(-5, 0)` are traced over ``n_total`` times in
+    ``[0, stop]``; each series starts at a random time and keeps ``n_sample`` points to observe,
+    followed by ``n_extrapolate`` more to predict, with Gaussian noise of std ``noise_std``. Of the
+    ``n_sample`` points each series observes a random ``n_observed`` (30, 50 or 100 in Table 2).
+
+    Returns:
+        A :class:`Spirals`, seeded: the same arguments give the same tensors everywhere.
+    """
+    if not 0 < n_observed <= n_sample:
+        raise ValueError(f"spirals: n_observed must lie in [1, n_sample={n_sample}], got {n_observed}.")
+    window = n_sample + n_extrapolate
+    if window > n_total - n_sample:
+        raise ValueError(f"spirals: n_total={n_total} leaves no room for windows of {window} points.")
+    g = _generator(seed)
+    ts = torch.linspace(0, stop, n_total, dtype=torch.float64)
+    s_cw = stop + 1.0 - ts
+    r_cw = a + b * 50.0 / s_cw
+    cw = torch.stack([r_cw * torch.cos(s_cw) - 5.0, r_cw * torch.sin(s_cw)], dim=1)
+    r_cc = a + b * ts
+    cc = torch.stack([r_cc * torch.cos(ts) + 5.0, r_cc * torch.sin(ts)], dim=1)
+    # Start anywhere that leaves a full window (the reference draws from [n_sample, n_total - n_sample)).
+    starts = torch.randint(n_sample, n_total - window + 1, (n_spirals,), generator=g)
+    clockwise = torch.rand(n_spirals, generator=g) < 0.5
+    index = starts[:, None] + torch.arange(window)
+    clean = torch.where(clockwise[:, None, None], cw[index], cc[index])
+    noisy = clean + noise_std * torch.randn(clean.shape, generator=g, dtype=torch.float64)
+    mask = torch.zeros(n_spirals, window, dtype=torch.bool)
+    keep = torch.rand(n_spirals, n_sample, generator=g).argsort(dim=1)[:, :n_observed]
+    mask.scatter_(1, keep, True)
+    n_test = int(round(test_fraction * n_spirals))
+    split = n_spirals - n_test
+    cast = lambda x: x.to(dtype)  # noqa: E731
+    return Spirals(t=cast(ts[:window] - ts[0]), train_x=cast(noisy[:split]), train_clean=cast(clean[:split]),
+                   train_mask=mask[:split], test_x=cast(noisy[split:]), test_clean=cast(clean[split:]),
+                   test_mask=mask[split:], clockwise=clockwise, n_sample=n_sample)
