@@ -1,0 +1,54 @@
+# make book: build the book (executes every chapter, cpu profile on a machine without CUDA).
+# make test: the whole test suite (library, every chapter in the smoke profile, strict book build).
+# Both bootstrap .venv with `python3 -m venv` and install `-e .[book,test]`; nothing is downloaded
+# at build time, so they work offline once the packages are installable.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m 'not notebooks'"`.
+PYTEST_ARGS ?=
+
+.PHONY: book test bench clean help
+.DEFAULT_GOAL := help
+
+help:
+	@echo "make book   execute every chapter and build the HTML book into _build/html"
+	@echo "make test   run the test suite: library, chapters (smoke profile), strict book build"
+	@echo "make bench  time neuralode against torchdiffeq and draw work-precision diagrams (benchmarks/results)"
+	@echo "make clean  remove _build (the virtual environment .venv stays)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# The install is a stamp file: it reruns only when pyproject.toml changes. (-qq: errors only;
+# -q would still list every local package index the machine config points at.)
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -e '.[book,test]'
+	@touch $@
+
+# The execution cache only notices changes to a notebook's own cells. Drop it when the library,
+# the installed packages or the run profile change, so that the book shows what the code computes now.
+CACHE_KEY = $$(cat neuralode/*.py pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)-profile=$${NEURALODE_PROFILE:-auto}
+
+book: $(STAMP)
+	@mkdir -p _build
+	@key="$(CACHE_KEY)"; \
+	if [ "$$(cat _build/.cache-key 2>/dev/null)" != "$$key" ]; then \
+		rm -rf _build/.jupyter_cache; echo "$$key" > _build/.cache-key; \
+	fi
+	$(BIN)/jupyter-book build . --keep-going
+	@echo "The book: $(CURDIR)/_build/html/index.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra --durations=15 $(PYTEST_ARGS)
+
+# Side-by-side timings and work-precision diagrams; never part of `make test` (timings are not tests).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/speed.py --out benchmarks/results
+	$(BIN)/python benchmarks/work_precision.py --out benchmarks/results
+	@echo "Results: $(CURDIR)/benchmarks/results/"
+
+clean:
+	rm -rf _build
