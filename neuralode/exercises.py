@@ -104,6 +104,11 @@ def _mismatch(actual: Any, expected: Any, rtol: float, atol: float) -> str | Non
             f"allowed {float(tol[worst] if err.ndim else tol):.3g})")
 
 
+def _fail(message: str, hint: str | None) -> None:
+    """Raise the student's error, with the hint on a line of its own."""
+    raise ExerciseError(message + (f"\nHint: {hint}" if hint else ""))
+
+
 def _check_tolerances(rtol: float, atol: float) -> None:
     if not (rtol >= 0 and atol >= 0):
         raise ValueError(f"rtol and atol must be non-negative, got rtol={rtol}, atol={atol}")
@@ -138,10 +143,7 @@ def check_close(
     _check_tolerances(rtol, atol)
     why = _mismatch(actual, expected, rtol, atol)
     if why is not None:
-        msg = f"{name} is not right yet: {why}."
-        if hint:
-            msg += f"\nHint: {hint}"
-        raise ExerciseError(msg)
+        _fail(f"{name} is not right yet: {why}.", hint)
     print(f"Correct: {name} matches the expected value {_describe(expected)}.")
 
 
@@ -196,8 +198,5 @@ def check_function(
                 f"({label}({shown})): {exc}") from exc
         why = _mismatch(actual, expected, rtol, atol)
         if why is not None:
-            msg = f"{label} is not right yet on case {i} of {len(cases)}, {label}({shown}): {why}."
-            if hint:
-                msg += f"\nHint: {hint}"
-            raise ExerciseError(msg)
+            _fail(f"{label} is not right yet on case {i} of {len(cases)}, {label}({shown}): {why}.", hint)
     print(f"Correct: {label} agrees with the reference on all {len(cases)} cases.")
