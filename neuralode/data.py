@@ -148,8 +148,11 @@ class ImageData:
 
     Attributes:
         name: ``"mnist"`` or ``"digits"``: which data set was actually used (record it with results).
-        train, test: ``DataLoader`` s of ``(x, y)``, ``x: (B, 1, S, S)`` normalised, ``y: (B,)`` long.
-        image_size, in_channels, num_classes: the shape the models need.
+        train: the training ``DataLoader`` of ``(x, y)``, ``x: (B, 1, S, S)`` normalised, ``y: (B,)`` long.
+        test: the test ``DataLoader``, the same layout, not shuffled.
+        image_size: ``S``, the side of the square images (28 for MNIST, 8 for the digits).
+        in_channels: 1 (grey levels).
+        num_classes: 10.
         note: one sentence saying where the data came from (and why, after a fallback).
     """
 
@@ -259,6 +262,8 @@ def image_classification(
         note = "scikit-learn's 8x8 handwritten digits (1,797 images, bundled, no download)."
     if data is None:
         train, test = _digits(seed)
+        if augment:
+            note += " No augmentation: the random crop belongs to MNIST's recipe."
         data = ("digits", train, test, 8, note)
     used, train, test, size, note = data
     generator = torch.Generator().manual_seed(seed)
