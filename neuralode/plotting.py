@@ -1,11 +1,13 @@
-"""Matplotlib helpers the chapters share: vector fields, trajectories, decision regions.
+"""Matplotlib helpers the chapters share: vector fields, trajectories, decision regions, animations.
 
-Each helper draws on an Axes it is given, sets a title and axis labels (which the caller may
-override), and returns the Axes. None of them calls ``plt.show``: the notebook decides.
+Each drawing helper draws on an Axes it is given, sets a title and axis labels (which the caller
+may override), and returns the Axes. None of them calls ``plt.show``: the notebook decides.
+:func:`animation_html` turns an animation into a player that works in the offline book.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 
 import matplotlib.pyplot as plt
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 from matplotlib.axes import Axes
 
-__all__ = ["vector_field", "trajectories", "decision_regions", "CLASS_COLORS"]
+__all__ = ["vector_field", "trajectories", "decision_regions", "animation_html", "CLASS_COLORS"]
 
 #: Colours of classes 0, 1, 2, ... (colour-blind friendly: blue, orange, green, ...).
 CLASS_COLORS: tuple[str, ...] = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
@@ -215,3 +217,34 @@ def decision_regions(
     ax.set_aspect("equal")
     return _finish(ax, title, xlabel, ylabel, xlim, ylim)
 
+
+
+# matplotlib's JavaScript player is self-contained except for its button icons, which it loads as a
+# Font Awesome stylesheet from a CDN. The book loads nothing from other hosts: the buttons get text.
+_PLAYER_ICONS = {
+    "fa fa-minus": "&minus;", "fa fa-plus": "+", "fa fa-fast-backward": "|&#9664;&#9664;",
+    "fa fa-step-backward": "|&#9664;", "fa fa-play fa-flip-horizontal": "&#9664;",
+    "fa fa-pause": "&#10074;&#10074;", "fa fa-play": "&#9654;", "fa fa-step-forward": "&#9654;|",
+    "fa fa-fast-forward": "&#9654;&#9654;|",
+}
+_EXTERNAL = re.compile(r"""(?:src|href)\s*=\s*["']?(?:https?:)?//[^"' >]+""")
+
+
+def animation_html(anim, default_mode: str = "once") -> str:
+    """HTML for a ``matplotlib.animation.Animation`` that plays offline: ``anim.to_jshtml()``
+    without its external icon stylesheet, the icons replaced by text.
+
+    Display it with ``IPython.display.HTML(animation_html(anim))``.
+
+    Raises:
+        RuntimeError: if the player still refers to another host (a matplotlib change the
+            replacement does not know about), rather than let the book load it.
+    """
+    html = re.sub(r"<link[^>]*font-awesome[^>]*>", "", anim.to_jshtml(default_mode=default_mode))
+    for icon, text in _PLAYER_ICONS.items():
+        html = html.replace(f'<i class="{icon}"></i>', text)
+    external = _EXTERNAL.findall(html)
+    if external or "<i class=" in html:
+        raise RuntimeError(f"animation_html: the player still loads {external or 'icon fonts'}; "
+                           "update neuralode.plotting._PLAYER_ICONS for this matplotlib version.")
+    return html

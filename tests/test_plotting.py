@@ -1,3 +1,4 @@
+import re
 """Tests of neuralode.plotting: each helper draws, labels its axes and returns them."""
 
 import matplotlib
@@ -105,3 +106,19 @@ def test_decision_regions_from_logits_and_labels(ax):
     plotting.decision_regions(ax2, lambda x: (x[:, 0] > 0).long(), (-1, 1), (-1, 1), n=10)
     assert _labelled(ax2)
     plt.close(fig)
+
+
+def test_animation_html_plays_offline():
+    import matplotlib.pyplot as plt
+    from matplotlib import animation
+
+    import neuralode as node
+
+    fig, ax = plt.subplots(figsize=(2, 2), dpi=40)
+    (line,) = ax.plot([0, 1], [0, 1])
+    anim = animation.FuncAnimation(fig, lambda k: line.set_ydata([0, k]), frames=3, interval=100)
+    html = node.plotting.animation_html(anim)
+    plt.close(fig)
+    assert "anim-controls" in html and html.count("data:image/png;base64") == 3
+    assert "//" not in "".join(re.findall(r"""(?:src|href)\s*=\s*["']?[^"' >]*""", html))
+    assert "font-awesome" not in html and "<i class=" not in html
