@@ -13,6 +13,7 @@ output).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass, field
@@ -90,7 +91,7 @@ def _combine(y: Optional[Tensor], h: float, weights: Sequence[float], ks: Sequen
 
 
 class _Method:
-    """A tableau with its coefficients as Python floats, ready for stepping."""
+    """A tableau with its coefficients as Python floats, ready for stepping (read-only once built)."""
 
     def __init__(self, tableau: ButcherTableau):
         self.tableau = tableau
@@ -127,6 +128,12 @@ class _Method:
         out.add_(f0, alpha=h * (theta - 2 * th2 + th3))
         out.add_(f1, alpha=h * (th3 - th2))
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _method(tableau: ButcherTableau) -> _Method:
+    """One :class:`_Method` per tableau: converting the fractions on every solve sat on the hot path."""
+    return _Method(tableau)
 
 
 def _check_finite(y: Tensor, what: str, t: float) -> None:
@@ -314,7 +321,7 @@ def solve(
     Returns:
         A list of ``len(t_out)`` tensors shaped like ``y0``.
     """
-    method = _Method(tableau)
+    method = _method(tableau)
     if len(t_out) == 1:
         return [y0]
     if tableau.adaptive:
