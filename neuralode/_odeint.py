@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import _rk
 from ._rk import SolverStats
-from ._tableaus import TABLEAUS
+from ._tableaus import TABLEAUS, ButcherTableau
 
 __all__ = ["odeint", "METHODS", "SolverStats"]
 
@@ -106,6 +106,28 @@ def _check_tolerance(name: str, value) -> float:
     return float(value)
 
 
+class _Solver(NamedTuple):
+    """A validated method with its tolerances and options (everything a solve needs but the state)."""
+
+    tableau: ButcherTableau
+    rtol: float
+    atol: float
+    options: dict
+
+
+def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
+    """Check a method name, its tolerances and options; ``prefix`` names the arguments
+    (``"adjoint_"`` for the adjoint's backward solve)."""
+    if not isinstance(method, str) or method not in TABLEAUS:
+        raise ValueError(f"odeint: unknown {prefix}method {method!r}; choose one of {', '.join(METHODS)}.")
+    tableau = TABLEAUS[method]
+    rtol = _check_tolerance(prefix + "rtol", rtol)
+    atol = _check_tolerance(prefix + "atol", atol)
+    if tableau.adaptive and rtol == 0 and atol == 0:
+        raise ValueError(f"odeint: {prefix}rtol and {prefix}atol cannot both be 0 for an adaptive method.")
+    return _Solver(tableau, rtol, atol, _check_options(method, options))
+
+
 def odeint(
     func: Callable[[Tensor, State], State],
     y0: State,
@@ -174,18 +196,13 @@ class _Setup:
     def __init__(self, func, y0, t, method, rtol, atol, options, flat: bool = False):
         if not callable(func):
             raise TypeError(f"odeint: func must be callable as func(t, y), got {type(func).__name__}.")
-        if not isinstance(method, str) or method not in TABLEAUS:
-            raise ValueError(f"odeint: unknown method {method!r}; choose one of {', '.join(METHODS)}.")
+        solver = _check_solver(method, rtol, atol, options)
         self.func = func
         self.is_tuple = isinstance(y0, (tuple, list))
         self.parts = _check_state(y0)
         self.times = _check_times(t)
-        self.method, self.tableau = method, TABLEAUS[method]
-        self.rtol = _check_tolerance("rtol", rtol)
-        self.atol = _check_tolerance("atol", atol)
-        if self.tableau.adaptive and self.rtol == 0 and self.atol == 0:
-            raise ValueError("odeint: rtol and atol cannot both be 0 for an adaptive method.")
-        self.options = _check_options(method, options)
+        self.method, self.tableau = method, solver.tableau
+        self.rtol, self.atol, self.options = solver.rtol, solver.atol, solver.options
         self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
         self.shapes = [p.shape for p in self.parts]
         self.sizes = [p.numel() for p in self.parts]

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _rk
-from ._odeint import SolverStats, State, _Setup, _check_options, _check_tolerance
+from ._odeint import SolverStats, State, _check_solver, _Setup
 
 __all__ = ["odeint_adjoint", "AdjointStats"]
 
@@ -107,11 +107,11 @@ def odeint_adjoint(
     setup = _Setup(func, y0, t, method, rtol, atol, options, flat=True)
     params = _adjoint_params(func, adjoint_params)
     back_method = method if adjoint_method is None else adjoint_method
-    back = _Setup(func, y0, t, back_method,
-                  rtol if adjoint_rtol is None else adjoint_rtol,
-                  atol if adjoint_atol is None else adjoint_atol,
-                  options if adjoint_options is None and back_method == method else adjoint_options,
-                  flat=True)
+    back = _check_solver(back_method,
+                         rtol if adjoint_rtol is None else adjoint_rtol,
+                         atol if adjoint_atol is None else adjoint_atol,
+                         options if adjoint_options is None and back_method == method else adjoint_options,
+                         prefix="adjoint_")
     if checkpoints is not None and (isinstance(checkpoints, bool) or not isinstance(checkpoints, int)
                                     or checkpoints < 1):
         raise ValueError(f"odeint_adjoint: checkpoints must be None or an integer >= 1, got {checkpoints!r}.")

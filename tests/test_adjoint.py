@@ -212,3 +212,11 @@ def test_peak_saved_bytes_sees_what_the_checkpointed_backward_builds():
                                                            options={"step_size": 1.0 / 64}), peak=True)
     # Re-solving one of four segments holds about a quarter of backprop's graph, and no more.
     assert forward_only < with_backward < 0.5 * backprop
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(adjoint_method="rk45"), "unknown adjoint_method 'rk45'"),
+                                             (dict(adjoint_rtol=-1.0), "adjoint_rtol must be"),
+                                             (dict(adjoint_options={"step": 1}), "unknown option")])
+def test_bad_backward_settings_name_the_adjoint_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        node.odeint_adjoint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], adjoint_params=(), **kwargs)
