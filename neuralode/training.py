@@ -241,14 +241,15 @@ def fit(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            history.batch_loss.append(loss.item())
+            value = loss.item()  # one host-device sync per batch
+            history.batch_loss.append(value)
             history.batch_nfe.append(nfe)
             history.batch_backward_nfe.append(sum(b.backward_nfe for b in blocks))
-            total += loss.item() * len(y)
+            total += value * len(y)
             seen += len(y)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", nfe=nfe)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", nfe=nfe)
         if scheduler is not None:
             scheduler.step()
         history.epoch_train_loss.append(total / max(seen, 1))
