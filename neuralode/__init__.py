@@ -9,7 +9,7 @@ from .adjoint import AdjointStats, odeint_adjoint
 from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
                   divergence_hutchinson)
 from .flows import PlanarFlow
-from .latent import LatentODE, RecognitionRNN, RNNBaseline
+from .latent import LatentODE, PoissonLatentODE, RecognitionRNN, RNNBaseline
 from .poisson import compensator, poisson_log_likelihood, simulate_thinning
 from ._tableaus import TABLEAUS, ButcherTableau
 from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
@@ -25,7 +25,7 @@ __all__ = [
     "make_classifier", "count_parameters",
     "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
     "divergence_hutchinson", "PlanarFlow", "poisson_log_likelihood", "compensator", "simulate_thinning",
-    "LatentODE", "RecognitionRNN", "RNNBaseline",
+    "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
     "adjoint", "cnf", "data", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",

@@ -26,7 +26,7 @@ from ._odeint import odeint
 from .adjoint import odeint_adjoint
 from .nets import MLPDynamics
 
-__all__ = ["RecognitionRNN", "LatentODE", "RNNBaseline", "gaussian_kl", "masked_gaussian_log_likelihood"]
+__all__ = ["RecognitionRNN", "LatentODE", "PoissonLatentODE", "RNNBaseline", "gaussian_kl", "masked_gaussian_log_likelihood"]
 
 
 def _check_series(x: Tensor, t: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -200,3 +200,136 @@ class RNNBaseline(nn.Module):
         mask = _check_series(x, t, mask)
         errors = ((self(x, t, mask) - x) ** 2).sum(dim=-1)
         return (errors * mask).sum() / mask.sum().clamp_min(1) / x.shape[-1]
+
+
+class _LatentWithCompensator(nn.Module):
+    r"""The augmented dynamics :math:`\frac{d}{dt}(z, \Lambda) = (f(z), \lambda(z))` of one solve."""
+
+    def __init__(self, model: "PoissonLatentODE"):
+        super().__init__()
+        self.dynamics, self.intensity_net = model.dynamics, model.intensity_net
+
+    def forward(self, t: Tensor, state: tuple) -> tuple:
+        z, _ = state
+        return self.dynamics(t, z), nn.functional.softplus(self.intensity_net(z)).squeeze(-1)
+
+
+class PoissonLatentODE(LatentODE):
+    r"""A latent ODE whose latent state also drives a Poisson process of events (section 5.1).
+
+    Besides (optional) observations ``x_i ~ N(dec(z(t_i)), sigma^2 I)``, events arrive with intensity
+    :math:`\lambda(z(t)) = \mathrm{softplus}(g(z(t)))`. The compensator
+    :math:`\Lambda(t) = \int_{t_0}^{t} \lambda(z(s))\,ds` is a fifth state component,
+    :math:`\dot\Lambda = \lambda(z)`, so one solve gives the trajectory and the integral together,
+    and the event term of the ELBO is
+
+    .. math::
+
+        \log p(\tau_1, \dots, \tau_N \mid z_0) = \sum_j \log \lambda(z(\tau_j)) - \Lambda(t_{T-1}).
+
+    The encoder reads, at every grid point that holds an observation or an event, the observation
+    (zeros where there is none), an "observed" flag and an "event" flag, backwards in time with the
+    gaps.
+
+    Args:
+        obs_dim: observation size ``D``; 0 for a model of event times alone.
+        intensity_hidden: width of the intensity network ``g``.
+        Others as for :class:`LatentODE`.
+
+    Events are grid points: ``events`` is a boolean ``(B, T)`` mask on the shared grid ``t``, which
+    should therefore contain every event time of the batch. The observation window is
+    ``[t[0], t[-1]]``.
+    """
+
+    def __init__(self, obs_dim: int = 0, latent_dim: int = 4, rnn_hidden: int = 25, dynamics_hidden: int = 20,
+                 decoder_hidden: int = 20, intensity_hidden: int = 20, obs_std: float = 0.3,
+                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, adjoint: bool = False):
+        super().__init__(max(obs_dim, 1), latent_dim, rnn_hidden, dynamics_hidden, decoder_hidden, obs_std, method,
+                         rtol, atol, adjoint)
+        self.obs_dim = obs_dim
+        if obs_dim == 0:
+            self.decoder = None  # events only: nothing to decode
+        self.encoder = RecognitionRNN(obs_dim + 2, latent_dim, rnn_hidden)
+        self.intensity_net = nn.Sequential(nn.Linear(latent_dim, intensity_hidden), nn.ELU(),
+                                           nn.Linear(intensity_hidden, 1))
+
+    def intensity(self, z: Tensor) -> Tensor:
+        r""":math:`\lambda(z) = \mathrm{softplus}(g(z)) > 0`: ``(..., L)`` to ``(...)``."""
+        return nn.functional.softplus(self.intensity_net(z)).squeeze(-1)
+
+    def _check(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor], events: Tensor):
+        expected = (x.shape[0] if x is not None else events.shape[0], len(t))
+        if events.shape != expected:
+            raise ValueError(f"events must be a boolean mask of shape {expected} on the grid t, "
+                             f"got {tuple(events.shape)}.")
+        if x is None:
+            if self.obs_dim:
+                raise ValueError(f"x is required: this model observes {self.obs_dim} features (obs_dim).")
+            x = t.new_zeros(events.shape[0], len(t), 0)
+            mask = torch.zeros(events.shape, dtype=torch.bool, device=t.device)
+        if x.shape[-1] != self.obs_dim:
+            raise ValueError(f"x must have {self.obs_dim} features (obs_dim), got shape {tuple(x.shape)}.")
+        mask = _check_series(x, t, mask)
+        if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):
+            raise ValueError("t must be strictly increasing: it is the grid of observation and event times.")
+        return x, mask, events.bool()
+
+    def encode(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor], events: Tensor):
+        """``q(z0 | observations, events)``: ``(mean, logvar)``, each ``(B, L)``."""
+        x, mask, events = self._check(x, t, mask, events)
+        features = torch.cat([x * mask.unsqueeze(-1), mask.unsqueeze(-1).to(x.dtype),
+                              events.unsqueeze(-1).to(x.dtype)], dim=-1)
+        return self.encoder(features, t, mask | events)
+
+    def trajectory_and_compensator(self, z0: Tensor, t: Tensor) -> tuple:
+        r"""``z(t)`` of shape ``(B, T, L)`` and :math:`\Lambda(t)` of shape ``(B, T)`` (zero at ``t[0]``),
+        from ``z0`` at ``t[0]``, in one solve of the augmented state."""
+        solve = odeint_adjoint if self.adjoint else odeint
+        start = (z0, z0.new_zeros(z0.shape[0]))
+        augmented = _LatentWithCompensator(self)  # built per call: its parameters are the model's own
+        (zs, big_lambda), stats = solve(augmented, start, t, method=self.method, rtol=self.rtol,
+                                        atol=self.atol, return_stats=True)
+        self.nfe = stats.nfe
+        return zs.transpose(0, 1), big_lambda.transpose(0, 1)
+
+    def elbo(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor] = None, events: Optional[Tensor] = None,
+             generator: Optional[torch.Generator] = None) -> tuple:
+        """One-sample ELBO with the Poisson term, averaged over the batch, and its parts.
+
+        Shapes: ``x: (B, T, D)`` or None when ``obs_dim = 0``, ``t: (T,)``, ``mask, events: (B, T)``.
+        Returns ``(elbo, observation_log_likelihood, event_log_likelihood, kl)``, each 0-d.
+        """
+        if events is None:
+            raise ValueError("events is required: a boolean (B, T) mask of the grid points where events occurred.")
+        x, mask, events = self._check(x, t, mask, events)
+        mean, logvar = self.encode(x, t, mask, events)
+        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        z0 = mean + eps * (0.5 * logvar).exp()
+        zs, big_lambda = self.trajectory_and_compensator(z0, t)
+        observed = (masked_gaussian_log_likelihood(x, self.decoder(zs), self.obs_std, mask) if self.obs_dim
+                    else zs.new_zeros(zs.shape[0]))
+        event_ll = (self.intensity(zs).log() * events).sum(dim=1) - big_lambda[:, -1]
+        kl = gaussian_kl(mean, logvar)
+        return (observed + event_ll - kl).mean(), observed.mean(), event_ll.mean(), kl.mean()
+
+    def decode(self, z0: Tensor, t0: Tensor, times: Tensor) -> Tensor:
+        if self.decoder is None:
+            raise ValueError("this PoissonLatentODE has obs_dim=0 and decodes no observations; "
+                             "use predict_intensity or intensity(latent_trajectory(...)).")
+        return super().decode(z0, t0, times)
+
+    @torch.no_grad()
+    def predict(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor], events: Tensor,  # type: ignore[override]
+                times: Tensor) -> Tensor:
+        """Encode observations and events on ``t``, decode the posterior-mean observations at ``times``:
+        ``(B, len(times), D)``."""
+        mean, _ = self.encode(x, t, mask, events)
+        return self.decode(mean, t[0], times)
+
+    @torch.no_grad()
+    def predict_intensity(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor], events: Tensor,
+                          times: Tensor) -> Tensor:
+        """Encode the data on ``t``, decode the posterior-mean intensity at ``times`` (after ``t[0]``,
+        increasing): ``(B, len(times))``."""
+        mean, _ = self.encode(x, t, mask, events)
+        return self.intensity(self.latent_trajectory(mean, t[0], times))

@@ -95,3 +95,94 @@ def test_shape_errors():
         model.elbo(torch.zeros(2, 5, 2), torch.zeros(4))
     with pytest.raises(ValueError, match="mask must have shape"):
         model.elbo(torch.zeros(2, 5, 2), torch.linspace(0, 1, 5), torch.ones(2, 4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- latent ODE with a Poisson process
+from neuralode.latent import PoissonLatentODE  # noqa: E402
+
+
+def _event_grid(batch=12, steps=80, rate=3.0, t1=5.0, seed=0, dtype=torch.float64):
+    """Events of a homogeneous process of the given rate, binned to a fine shared grid."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, t1, steps, dtype=dtype)
+    events = torch.rand(batch, steps, generator=g) < rate * (t1 / (steps - 1))
+    return t, events
+
+
+def test_compensator_is_the_integral_of_the_intensity_along_the_same_trajectory():
+    torch.manual_seed(0)
+    model = PoissonLatentODE(obs_dim=0, latent_dim=3, rtol=1e-10, atol=1e-10).double()
+    z0 = torch.randn(4, 3, dtype=torch.float64)
+    t = torch.linspace(0, 2, 2001, dtype=torch.float64)
+    zs, big_lambda = model.trajectory_and_compensator(z0, t)
+    assert zs.shape == (4, 2001, 3) and big_lambda.shape == (4, 2001)
+    assert torch.all(big_lambda[:, 0] == 0) and torch.all(big_lambda[:, 1:] > big_lambda[:, :-1])
+    rates = model.intensity(zs)
+    trapezoid = ((rates[:, 1:] + rates[:, :-1]) / 2 * (t[1] - t[0])).sum(dim=1)
+    assert torch.allclose(big_lambda[:, -1], trapezoid, rtol=1e-6)
+    # The latent part is the plain latent ODE's trajectory.
+    assert torch.allclose(zs, model.latent_trajectory(z0, t[0], t), atol=1e-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_poisson_elbo_parts_and_adjoint_gradients(dtype):
+    torch.manual_seed(0)
+    model = PoissonLatentODE(obs_dim=2, latent_dim=3, rtol=1e-8, atol=1e-8).to(dtype)
+    twin = PoissonLatentODE(obs_dim=2, latent_dim=3, rtol=1e-8, atol=1e-8, adjoint=True).to(dtype)
+    twin.load_state_dict(model.state_dict())
+    x, t, mask = _series(batch=6, steps=30)
+    x, t = x.to(dtype), t.to(dtype)
+    events = torch.rand(6, 30, generator=torch.Generator().manual_seed(1)) < 0.3
+    grads = []
+    for m in (model, twin):
+        elbo, observed, event_ll, kl = m.elbo(x, t, mask, events, generator=torch.Generator().manual_seed(2))
+        assert elbo.dtype == dtype and torch.isfinite(elbo) and kl >= 0
+        assert torch.allclose(elbo, observed + event_ll - kl)
+        elbo.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    scale = grads[0].abs().max()
+    assert (grads[0] - grads[1]).abs().max() <= (1e-2 if dtype == torch.float32 else 1e-5) * scale
+
+
+def test_poisson_encoder_reads_events_and_observations_only():
+    torch.manual_seed(0)
+    model = PoissonLatentODE(obs_dim=2, latent_dim=3)
+    x, t, mask = _series(batch=4, steps=30)
+    events = torch.zeros(4, 30, dtype=torch.bool)
+    events[:, 5] = True
+    mean, _ = model.encode(x, t, mask, events)
+    changed = x.clone()
+    changed[~mask] = 50.0
+    assert torch.allclose(model.encode(changed, t, mask, events)[0], mean)
+    moved = torch.zeros_like(events)
+    moved[:, 6] = True
+    assert not torch.allclose(model.encode(x, t, mask, moved)[0], mean)  # an event's time matters
+
+
+def test_poisson_latent_ode_learns_a_constant_rate():
+    torch.manual_seed(0)
+    model = PoissonLatentODE(obs_dim=0, latent_dim=2, rnn_hidden=8, dynamics_hidden=8, intensity_hidden=8).double()
+    t, events = _event_grid(batch=32, rate=3.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for step in range(60):
+        elbo = model.elbo(None, t, None, events, generator=torch.Generator().manual_seed(step))[0]
+        optimizer.zero_grad()
+        (-elbo).backward()
+        optimizer.step()
+    rates = model.predict_intensity(None, t, None, events, t)
+    assert abs(rates.mean().item() - 3.0) < 0.6, rates.mean().item()
+
+
+def test_poisson_latent_ode_errors_name_the_argument():
+    model = PoissonLatentODE(obs_dim=0)
+    t, events = _event_grid(batch=2, steps=10, dtype=torch.float32)
+    with pytest.raises(ValueError, match="events is required"):
+        model.elbo(None, t, None)
+    with pytest.raises(ValueError, match="events must be a boolean mask of shape"):
+        model.elbo(None, t, None, events[:, :5])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        model.elbo(None, t.flip(0), None, events)
+    with pytest.raises(ValueError, match="decodes no observations"):
+        model.sample(2, t[0], t)
+    with pytest.raises(ValueError, match=r"x is required"):
+        PoissonLatentODE(obs_dim=2).elbo(None, t, None, events)
