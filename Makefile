@@ -10,13 +10,15 @@ STAMP  := $(VENV)/.installed
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m 'not notebooks'"`.
 PYTEST_ARGS ?=
 
-.PHONY: book test bench clean help
+.PHONY: book test bench student grade clean help
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make book   execute every chapter and build the HTML book into _build/html"
 	@echo "make test   run the test suite: library, chapters (smoke profile), strict book build"
 	@echo "make bench  time neuralode against torchdiffeq and draw work-precision diagrams (benchmarks/results)"
+	@echo "make student  write the student edition (no solutions) and the autograders into _build/course"
+	@echo "make grade SUBMISSIONS=dir  grade a folder of submitted notebooks; writes dir/scores.csv"
 	@echo "make clean  remove _build (the virtual environment .venv stays)"
 
 $(BIN)/python:
@@ -49,6 +51,14 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --out benchmarks/results
 	$(BIN)/python benchmarks/work_precision.py --out benchmarks/results
 	@echo "Results: $(CURDIR)/benchmarks/results/"
+
+# The course edition: otter-grader's assign over every chapter (tools/course.py explains the format).
+student: $(STAMP)
+	$(BIN)/python tools/course.py student --out _build/course
+
+SUBMISSIONS ?= submissions
+grade: $(STAMP)
+	$(BIN)/python tools/course.py grade $(SUBMISSIONS) --course _build/course
 
 clean:
 	rm -rf _build
