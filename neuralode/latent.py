@@ -236,8 +236,10 @@ class PoissonLatentODE(LatentODE):
         intensity_hidden: width of the intensity network ``g``.
         Others as for :class:`LatentODE`.
 
-    Events are grid points: ``events`` is a boolean ``(B, T)`` mask on the shared grid ``t``, which
-    should therefore contain every event time of the batch. The observation window is
+    Events are grid points: ``events`` is a ``(B, T)`` tensor on the shared grid ``t`` holding the
+    number of events at each grid point (a boolean mask when there is at most one), so the grid
+    should contain every event time of the batch, or bin them finely: binned counts lose only the
+    events' positions inside a cell, never an event. The observation window is
     ``[t[0], t[-1]]``.
     """
 
@@ -260,8 +262,11 @@ class PoissonLatentODE(LatentODE):
     def _check(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor], events: Tensor):
         expected = (x.shape[0] if x is not None else events.shape[0], len(t))
         if events.shape != expected:
-            raise ValueError(f"events must be a boolean mask of shape {expected} on the grid t, "
-                             f"got {tuple(events.shape)}.")
+            raise ValueError(f"events must be a (B, T) tensor of event counts (or a boolean mask) of shape "
+                             f"{expected} on the grid t, got {tuple(events.shape)}.")
+        if events.is_floating_point() or events.is_complex() or bool((events < 0).any()):
+            raise ValueError("events must hold non-negative integer counts or booleans, "
+                             f"got dtype {events.dtype}; convert with events.round().long().")
         if x is None:
             if self.obs_dim:
                 raise ValueError(f"x is required: this model observes {self.obs_dim} features (obs_dim).")
@@ -272,14 +277,14 @@ class PoissonLatentODE(LatentODE):
         mask = _check_series(x, t, mask)
         if len(t) > 1 and not bool((t[1:] > t[:-1]).all()):
             raise ValueError("t must be strictly increasing: it is the grid of observation and event times.")
-        return x, mask, events.bool()
+        return x, mask, events.to(x.dtype)
 
     def encode(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor], events: Tensor):
-        """``q(z0 | observations, events)``: ``(mean, logvar)``, each ``(B, L)``."""
-        x, mask, events = self._check(x, t, mask, events)
-        features = torch.cat([x * mask.unsqueeze(-1), mask.unsqueeze(-1).to(x.dtype),
-                              events.unsqueeze(-1).to(x.dtype)], dim=-1)
-        return self.encoder(features, t, mask | events)
+        """``q(z0 | observations, events)``: ``(mean, logvar)``, each ``(B, L)``. The encoder reads the
+        event count at each grid point that holds an observation or an event."""
+        x, mask, counts = self._check(x, t, mask, events)
+        features = torch.cat([x * mask.unsqueeze(-1), mask.unsqueeze(-1).to(x.dtype), counts.unsqueeze(-1)], dim=-1)
+        return self.encoder(features, t, mask | (counts > 0))
 
     def trajectory_and_compensator(self, z0: Tensor, t: Tensor) -> tuple:
         r"""``z(t)`` of shape ``(B, T, L)`` and :math:`\Lambda(t)` of shape ``(B, T)`` (zero at ``t[0]``),
@@ -294,15 +299,17 @@ class PoissonLatentODE(LatentODE):
 
     def elbo(self, x: Optional[Tensor], t: Tensor, mask: Optional[Tensor] = None, events: Optional[Tensor] = None,
              generator: Optional[torch.Generator] = None) -> tuple:
-        """One-sample ELBO with the Poisson term, averaged over the batch, and its parts.
+        r"""One-sample ELBO with the Poisson term, averaged over the batch, and its parts.
 
         Shapes: ``x: (B, T, D)`` or None when ``obs_dim = 0``, ``t: (T,)``, ``mask, events: (B, T)``.
+        The event term is :math:`\sum_{j} n_j \log\lambda(z(t_j)) - \Lambda(t_{T-1})` for counts
+        :math:`n_j`.
         Returns ``(elbo, observation_log_likelihood, event_log_likelihood, kl)``, each 0-d.
         """
         if events is None:
-            raise ValueError("events is required: a boolean (B, T) mask of the grid points where events occurred.")
-        x, mask, events = self._check(x, t, mask, events)
+            raise ValueError("events is required: a (B, T) tensor of event counts on the grid t (or a boolean mask).")
         mean, logvar = self.encode(x, t, mask, events)
+        x, mask, events = self._check(x, t, mask, events)
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
         z0 = mean + eps * (0.5 * logvar).exp()
         zs, big_lambda = self.trajectory_and_compensator(z0, t)

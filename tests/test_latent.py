@@ -178,7 +178,7 @@ def test_poisson_latent_ode_errors_name_the_argument():
     t, events = _event_grid(batch=2, steps=10, dtype=torch.float32)
     with pytest.raises(ValueError, match="events is required"):
         model.elbo(None, t, None)
-    with pytest.raises(ValueError, match="events must be a boolean mask of shape"):
+    with pytest.raises(ValueError, match="events must be a .B, T. tensor of event counts"):
         model.elbo(None, t, None, events[:, :5])
     with pytest.raises(ValueError, match="strictly increasing"):
         model.elbo(None, t.flip(0), None, events)
@@ -186,3 +186,24 @@ def test_poisson_latent_ode_errors_name_the_argument():
         model.sample(2, t[0], t)
     with pytest.raises(ValueError, match=r"x is required"):
         PoissonLatentODE(obs_dim=2).elbo(None, t, None, events)
+
+
+def test_poisson_event_counts_weight_the_log_intensity():
+    torch.manual_seed(0)
+    model = PoissonLatentODE(obs_dim=0, latent_dim=3, rtol=1e-9, atol=1e-9).double()
+    t = torch.linspace(0, 2, 21, dtype=torch.float64)
+    counts = torch.zeros(2, 21, dtype=torch.long)
+    counts[:, 4], counts[:, 9] = 2, 1
+    # The ELBO's event term, recomputed from the same reparameterised z0 (same seed for eps).
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = model.encode(None, t, None, counts)
+    eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0), dtype=mean.dtype)
+    z0 = mean + eps * (0.5 * logvar).exp()
+    zs, big_lambda = model.trajectory_and_compensator(z0, t)
+    expected = (2 * model.intensity(zs[:, 4]).log() + model.intensity(zs[:, 9]).log() - big_lambda[:, -1]).mean()
+    _, _, event_ll, _ = model.elbo(None, t, None, counts, generator=g)
+    assert torch.allclose(event_ll, expected)
+    with pytest.raises(ValueError, match="non-negative integer counts"):
+        model.elbo(None, t, None, counts.double())
+    with pytest.raises(ValueError, match="non-negative integer counts"):
+        model.elbo(None, t, None, -counts)
