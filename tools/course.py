@@ -48,10 +48,11 @@ CHAPTER_KEY = "neuralode_chapter"  # notebook metadata naming the chapter a note
 
 
 def chapters() -> list[Path]:
-    """The chapter notebooks, in the order of _toc.yml."""
+    """The numbered chapter notebooks (``book/NN_*.ipynb``), in the order of _toc.yml; appendix
+    notebooks such as the benchmarks page have no exercises and are not assignments."""
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text(encoding="utf-8"))
-    files = [c["file"] for part in toc["parts"] for c in part["chapters"]]
-    return [ROOT / f"{f}.ipynb" for f in files if (ROOT / f"{f}.ipynb").exists()]
+    files = [ROOT / f"{c['file']}.ipynb" for part in toc["parts"] for c in part["chapters"]]
+    return [f for f in files if f.exists() and re.match(r"\d\d_", f.name)]
 
 
 # ------------------------------------------------------------------------------- the master notebook
