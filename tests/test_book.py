@@ -222,3 +222,14 @@ def test_api_reference_documents_every_public_name(book_build: BookBuild):
         "book/api.md does not document these public names (add an automodule for their module "
         f"or re-export them): {missing}"
     )
+
+
+def test_chapter_header_states_run_time_per_profile(notebook: Path):
+    """Colab users plan around it: each chapter's first cell says how long each profile takes."""
+    if not re.match(r"\d\d_", notebook.name):
+        return  # appendix pages state their own
+    title = nbformat.read(notebook, as_version=4).cells[0].source
+    line = next((l for l in title.splitlines() if l.startswith("**Run time.**")), None)
+    assert line, f"{notebook.name}: the title cell needs a '**Run time.**' line (smoke, cpu, gpu)"
+    for profile in ("`smoke`", "`cpu`", "`gpu`"):
+        assert profile in line, f"{notebook.name}: the run-time line does not mention {profile}"
