@@ -3,7 +3,7 @@
 The public API, re-exported here and nothing else.
 """
 
-from . import adjoint, cnf, data, exercises, flows, latent, nets, plotting, poisson, training
+from . import adjoint, cnf, data, distributed, exercises, flows, latent, nets, plotting, poisson, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
@@ -28,5 +28,5 @@ __all__ = [
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
-    "adjoint", "cnf", "data", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
+    "adjoint", "cnf", "data", "distributed", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
 ]

@@ -2,7 +2,8 @@
 
 ``fit`` is the one training loop of the book: seeded, with a progress bar showing loss and NFE,
 evaluation after every epoch, a checkpoint every epoch, and resume from it that reproduces the
-uninterrupted run exactly (a Colab disconnect loses at most one epoch).
+uninterrupted run exactly (a Colab disconnect loses at most one epoch). The same call runs under
+``torchrun`` on several processes (see :mod:`neuralode.distributed`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Callable, Iterable, List, Optional, Union
 import numpy as np
 import torch
 from torch import nn
+
+from . import distributed
 
 __all__ = ["PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
            "fit", "evaluate", "History"]
@@ -103,8 +106,12 @@ class History:
         epoch_seconds: wall time of each epoch's training.
         batch_loss: the loss of every training batch.
         batch_nfe: forward function evaluations of every batch, summed over the model's ODE
-            blocks (0 for models without one).
-        batch_backward_nfe: backward (adjoint) function evaluations of every batch.
+            blocks (0 for models without one); under ``torchrun`` the largest over the ranks,
+            the replica every other one waits for.
+        batch_backward_nfe: backward (adjoint) function evaluations of every batch (largest
+            over the ranks).
+        batch_rank_nfe: every rank's forward evaluations of every batch (one list per batch;
+            a single entry in one process).
     """
 
     epoch_train_loss: List[float] = field(default_factory=list)
@@ -114,6 +121,7 @@ class History:
     batch_loss: List[float] = field(default_factory=list)
     batch_nfe: List[int] = field(default_factory=list)
     batch_backward_nfe: List[int] = field(default_factory=list)
+    batch_rank_nfe: List[List[int]] = field(default_factory=list)
 
     @property
     def epochs(self) -> int:
@@ -129,7 +137,11 @@ def _ode_blocks(model: nn.Module) -> list:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None,
              loss_fn: Callable = nn.functional.cross_entropy) -> tuple:
-    """Mean loss and accuracy of a classifier over ``loader`` (batches of ``(x, y)``)."""
+    """Mean loss and accuracy of a classifier over ``loader`` (batches of ``(x, y)``).
+
+    Under ``torchrun`` the sums are added over the ranks, so a sharded loader gives the mean over
+    the whole set (and a replicated one the same mean as one process)."""
+    model = distributed.unwrap_model(model)
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -141,7 +153,24 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] 
         correct += (logits.argmax(dim=1) == y).sum().item()
         count += len(y)
     model.train(was_training)
+    total_loss, correct, count = distributed.all_reduce_sum([total_loss, correct, count], device)
     return total_loss / max(count, 1), correct / max(count, 1)
+
+
+def _gather_batch(loss: float, count: int, nfe: int, backward_nfe: int, device) -> list:
+    """Every rank's ``(loss, count, nfe, backward_nfe)`` of this batch, in rank order."""
+    mine = torch.tensor([loss, count, nfe, backward_nfe], dtype=torch.float64, device=device)
+    gathered = [torch.zeros_like(mine) for _ in range(distributed.world_size())]
+    torch.distributed.all_gather(gathered, mine)
+    return [g.tolist() for g in gathered]
+
+
+def _own_rng_state(saved: dict) -> dict:
+    """This rank's generator states from a checkpoint (written by one or by several ranks)."""
+    if "per_rank" not in saved:
+        return saved
+    states = saved["per_rank"]
+    return states[distributed.rank()] if len(states) == distributed.world_size() else states[0]
 
 
 def _rng_state(loader) -> dict:
@@ -205,7 +234,7 @@ def fit(
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative integer, got {epochs!r}.")
     device = torch.device(device) if device is not None else default_device()
-    model.to(device)
+    model = distributed.unwrap_model(model).to(device)
     history, start = History(), 0
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
@@ -216,37 +245,52 @@ def fit(
             scheduler.load_state_dict(state["scheduler"])
         history = History(**state["history"])
         start = history.epochs
-        _set_rng_state(state["rng"], train_loader)
+        _set_rng_state(_own_rng_state(state["rng"]), train_loader)
     else:
-        seed_everything(seed)
+        seed_everything(seed + distributed.rank())  # independent noise per rank (e.g. Hutchinson probes)
+    # Under torchrun: DistributedDataParallel averages the gradients in backward (it broadcasts
+    # rank 0's parameters when it wraps, so every replica starts equal).
+    replica = distributed.wrap_model(model, device)
 
     blocks = _ode_blocks(model)
     bar = None
-    if progress:
+    if progress and distributed.is_main_process():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=(epochs - start) * (max_batches or len(train_loader)), desc="fit", leave=False)
+    sampler = getattr(train_loader, "sampler", None)
     done = 0
     for epoch in range(start, epochs):
         if stop_after_epochs is not None and done >= stop_after_epochs:
             break
-        model.train()
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)  # a DistributedSampler reshuffles per epoch, alike on every rank
+        replica.train()
         began, total, seen = time.perf_counter(), 0.0, 0
         for i, (x, y) in enumerate(train_loader):
             if max_batches is not None and i >= max_batches:
                 break
             x, y = x.to(device), y.to(device)
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(replica(x), y)
             nfe = sum(b.nfe for b in blocks)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            value = loss.item()  # one host-device sync per batch
+            value, count, backward_nfe = loss.item(), len(y), sum(b.backward_nfe for b in blocks)
+            if distributed.is_distributed():  # one small collective per batch: the ranks' numbers
+                ranks = _gather_batch(value, count, nfe, backward_nfe, device)
+                value = sum(r[0] * r[1] for r in ranks) / max(sum(r[1] for r in ranks), 1)
+                count = sum(int(r[1]) for r in ranks)
+                rank_nfe = [int(r[2]) for r in ranks]
+                nfe, backward_nfe = max(rank_nfe), max(int(r[3]) for r in ranks)
+            else:
+                rank_nfe = [nfe]
             history.batch_loss.append(value)
             history.batch_nfe.append(nfe)
-            history.batch_backward_nfe.append(sum(b.backward_nfe for b in blocks))
-            total += value * len(y)
-            seen += len(y)
+            history.batch_backward_nfe.append(backward_nfe)
+            history.batch_rank_nfe.append(rank_nfe)
+            total += value * count
+            seen += count
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", nfe=nfe)
@@ -259,13 +303,20 @@ def fit(
             history.epoch_val_loss.append(val_loss)
             history.epoch_val_accuracy.append(val_acc)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": None if scheduler is None else scheduler.state_dict(),
-                     "history": asdict(history), "rng": _rng_state(train_loader)}
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # never leave a half-written checkpoint behind
+            rng = _rng_state(train_loader)
+            if distributed.is_distributed():
+                ranks_rng = [None] * distributed.world_size()
+                torch.distributed.all_gather_object(ranks_rng, rng)
+                rng = {"per_rank": ranks_rng}
+            if distributed.is_main_process():  # one writer; the others wait for the file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": None if scheduler is None else scheduler.state_dict(),
+                         "history": asdict(history), "rng": rng}
+                tmp = path.with_name(path.name + ".tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, path)  # never leave a half-written checkpoint behind
+            distributed.barrier()
         done += 1
     if bar is not None:
         bar.close()
