@@ -230,6 +230,13 @@ def fit(
 
     Returns:
         The :class:`History` of all epochs so far, including those before a resume.
+
+    Under ``torchrun`` (a process group initialised, e.g. by
+    :func:`neuralode.distributed.init_from_environment`) the same call trains data-parallel: the
+    model is wrapped in DistributedDataParallel, a ``DistributedSampler`` (see
+    :func:`neuralode.distributed.shard_loader`) is reshuffled every epoch, losses are averaged and
+    NFE gathered over the ranks, rank 0 alone shows progress and writes the checkpoint (with every
+    rank's generator states), and every rank resumes from it.
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative integer, got {epochs!r}.")

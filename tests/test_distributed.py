@@ -120,3 +120,38 @@ def test_helpers_are_no_ops_in_one_process():
     assert node.distributed.all_reduce_sum([1.0, 2.0], torch.device("cpu")) == [1.0, 2.0]
     assert node.distributed.all_gather_ints(5, torch.device("cpu")) == [5]
     assert not node.distributed.init_from_environment()  # no torchrun environment here
+
+
+def test_train_command_in_one_process(tmp_path, capsys):
+    from neuralode import train
+
+    summary = train.main(["odenet", "--profile", "smoke", "--epochs", "1", "--out", str(tmp_path / "s.json")])
+    assert summary["ranks"] == 1 and summary["epochs"] == 1 and 0 <= summary["test_accuracy"] <= 1
+    assert all(len(r) == 1 for r in summary["batch_rank_nfe"]) and summary["batch_rank_nfe"][0][0] > 0
+    assert (tmp_path / "s.json").exists() and "test accuracy" in capsys.readouterr().out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_train_command_under_torchrun(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "summary.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",
+         f"--master-port={_free_port()}", "-m", "neuralode.train", "odenet", "--profile", "smoke",
+         "--epochs", "1", "--batch-size", "16", "--adjoint", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    assert summary["ranks"] == 2 and summary["global_batch"] == 32 and summary["adjoint"]
+    assert all(len(r) == 2 for r in summary["batch_rank_nfe"])
+    assert result.stdout.count("test accuracy") == 1  # rank 0 prints, the other rank does not
