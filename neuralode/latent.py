@@ -70,15 +70,23 @@ class RecognitionRNN(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, mask: Optional[Tensor] = None):
         mask = _check_series(x, t, mask)
-        batch, steps, _ = x.shape
+        batch, steps, dim = x.shape
+        # Gather each series' observed points, latest first: the GRU then takes as many steps as
+        # the longest series has observations, not one per grid point (3x fewer at 30 of 100).
+        counts = mask.sum(dim=1)
+        longest = int(counts.max()) if batch else 0
+        latest_first = (mask * torch.arange(1, steps + 1, device=x.device)).argsort(dim=1, descending=True)
+        order = latest_first[:, :longest]  # (B, K): observed indices by decreasing time, then padding
+        xs = x.gather(1, order.unsqueeze(-1).expand(-1, -1, dim))
+        ts = t[order]
         h = x.new_zeros(batch, self.hidden)
         next_time = t[-1].expand(batch)
-        for j in range(steps - 1, -1, -1):
-            gap = (next_time - t[j]).unsqueeze(1)
-            updated = self.cell(torch.cat([x[:, j], gap], dim=1), h)
-            seen = mask[:, j]
+        for k in range(longest):
+            gap = (next_time - ts[:, k]).unsqueeze(1)
+            updated = self.cell(torch.cat([xs[:, k], gap], dim=1), h)
+            seen = k < counts  # series with fewer observations are done: keep their state
             h = torch.where(seen.unsqueeze(1), updated, h)
-            next_time = torch.where(seen, t[j].expand(batch), next_time)
+            next_time = torch.where(seen, ts[:, k], next_time)
         mean, logvar = self.out(h).chunk(2, dim=-1)
         return mean, logvar
 
