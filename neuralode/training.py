@@ -129,9 +129,11 @@ class History:
 
 
 def _ode_blocks(model: nn.Module) -> list:
+    """The solves whose NFE ``fit`` records: ODE blocks and continuous normalizing flows."""
+    from .cnf import CNF
     from .nets import ODEBlock
 
-    return [m for m in model.modules() if isinstance(m, ODEBlock)]
+    return [m for m in model.modules() if isinstance(m, (ODEBlock, CNF))]
 
 
 @torch.no_grad()
@@ -283,7 +285,7 @@ def fit(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            value, count, backward_nfe = loss.item(), len(y), sum(b.backward_nfe for b in blocks)
+            value, count, backward_nfe = loss.item(), len(y), sum(getattr(b, "backward_nfe", 0) for b in blocks)
             if distributed.is_distributed():  # one small collective per batch: the ranks' numbers
                 ranks = _gather_batch(value, count, nfe, backward_nfe, device)
                 value = sum(r[0] * r[1] for r in ranks) / max(sum(r[1] for r in ranks), 1)

@@ -155,3 +155,13 @@ def test_train_command_under_torchrun(tmp_path):
     assert summary["ranks"] == 2 and summary["global_batch"] == 32 and summary["adjoint"]
     assert all(len(r) == 2 for r in summary["batch_rank_nfe"])
     assert result.stdout.count("test accuracy") == 1  # rank 0 prints, the other rank does not
+
+
+def test_train_command_fits_a_cnf(tmp_path):
+    from neuralode import train
+
+    summary = train.main(["cnf", "--data", "8gaussians", "--profile", "smoke", "--epochs", "2"])
+    assert summary["model"] == "cnf" and summary["epochs"] == 2 and summary["ranks"] == 1
+    assert all(r[0] > 0 for r in summary["batch_rank_nfe"])  # fit records the CNF's NFE
+    assert summary["epoch_train_loss"][-1] < summary["epoch_train_loss"][0]
+    assert 0 < summary["test_nll"] < 20
