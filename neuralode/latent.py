@@ -239,16 +239,15 @@ class PoissonLatentODE(LatentODE):
     (zeros where there is none), an "observed" flag and an "event" flag, backwards in time with the
     gaps.
 
-    Args:
-        obs_dim: observation size ``D``; 0 for a model of event times alone.
-        intensity_hidden: width of the intensity network ``g``.
-        Others as for :class:`LatentODE`.
-
     Events are grid points: ``events`` is a ``(B, T)`` tensor on the shared grid ``t`` holding the
     number of events at each grid point (a boolean mask when there is at most one), so the grid
     should contain every event time of the batch, or bin them finely: binned counts lose only the
     events' positions inside a cell, never an event. The observation window is
-    ``[t[0], t[-1]]``.
+    ``[t[0], t[-1]]``. The arguments not listed below are those of :class:`LatentODE`.
+
+    Args:
+        obs_dim: observation size ``D``; 0 for a model of event times alone.
+        intensity_hidden: width of the intensity network ``g``.
     """
 
     def __init__(self, obs_dim: int = 0, latent_dim: int = 4, rnn_hidden: int = 25, dynamics_hidden: int = 20,
