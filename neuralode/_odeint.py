@@ -11,9 +11,14 @@ from torch import Tensor
 
 from . import _rk
 from ._rk import SolverStats
+from ._rosenbrock import JACOBIANS, ROSENBROCK_OPTIONS, ROSENBROCK_TABLEAUS, RosenbrockTableau
 from ._tableaus import TABLEAUS, ButcherTableau
 
 __all__ = ["odeint", "METHODS", "SolverStats"]
+
+# TABLEAUS is the registry of every method odeint knows: the explicit Butcher tableaux, then the
+# Rosenbrock methods for stiff problems, which carry the same fields (c, a, b, b_error, orders).
+TABLEAUS.update(ROSENBROCK_TABLEAUS)
 
 #: Names accepted by ``odeint(method=...)``.
 METHODS: Tuple[str, ...] = tuple(TABLEAUS)
@@ -70,7 +75,11 @@ def _check_times(t) -> list:
 
 
 def _check_options(method: str, options: Optional[dict]) -> dict:
-    defaults = _rk.ADAPTIVE_OPTIONS if TABLEAUS[method].adaptive else _rk.FIXED_OPTIONS
+    tableau = TABLEAUS[method]
+    if isinstance(tableau, RosenbrockTableau):
+        defaults = ROSENBROCK_OPTIONS
+    else:
+        defaults = _rk.ADAPTIVE_OPTIONS if tableau.adaptive else _rk.FIXED_OPTIONS
     options = {} if options is None else options
     if not isinstance(options, dict):
         raise TypeError(f"odeint: options must be a dict, got {type(options).__name__}.")
@@ -82,8 +91,11 @@ def _check_options(method: str, options: Optional[dict]) -> dict:
     if "controller" in merged and merged["controller"] not in _rk.CONTROLLERS:
         raise ValueError(f"odeint: options['controller'] must be one of {_rk.CONTROLLERS}, "
                          f"got {merged['controller']!r}.")
+    if "jacobian" in merged and merged["jacobian"] not in JACOBIANS:
+        raise ValueError(f"odeint: options['jacobian'] must be one of {JACOBIANS} (\"batched\" only for a "
+                         f"(B, D) state whose rows evolve independently), got {merged['jacobian']!r}.")
     for key, value in merged.items():
-        if value is None or key == "controller":
+        if value is None or key in ("controller", "jacobian"):
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             raise TypeError(f"odeint: options[{key!r}] must be a real number, got {value!r}.")
@@ -155,7 +167,10 @@ def odeint(
         method: one of :data:`METHODS`: fixed-step ``"euler"`` (order 1), ``"midpoint"`` (2),
             ``"heun2"`` (2), ``"rk4"`` (4); adaptive embedded pairs ``"adaptive_heun"`` (2(1)),
             ``"bosh3"`` (Bogacki-Shampine 3(2)), ``"dopri5"`` (Dormand-Prince 5(4), the
-            default) and ``"tsit5"`` (Tsitouras 5(4)).
+            default) and ``"tsit5"`` (Tsitouras 5(4)); for stiff problems the linearly implicit
+            ``"rodas4"`` (Hairer-Wanner's RODAS, a Rosenbrock method of order 4(3), L-stable and
+            stiffly accurate: each step factorises ``W = I - h/4 J`` with the exact Jacobian
+            ``J = df/dy`` from autograd, so its steps are not limited by stability).
         rtol, atol: relative and absolute tolerances of the adaptive methods: a step is accepted
             when the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1.
         options: fixed-step methods: ``step_size`` (default: step exactly between the times in
@@ -164,8 +179,14 @@ def odeint(
             ``min_step``, ``max_num_steps`` (default 10 000), ``safety`` (0.9), ``ifactor``
             (10), ``dfactor`` (0.2), ``controller`` (``"i"``, the classical controller, or
             ``"pi"``, proportional-integral control, which smooths the step sizes).
+            ``"rodas4"`` takes the adaptive options and ``jacobian``: ``"full"`` (default, the
+            ``N x N`` Jacobian of the whole state) or ``"batched"`` (a state of shape ``(B, D)``
+            whose rows evolve independently, e.g. a batch through one network: ``B`` blocks of
+            ``D x D`` from ``D`` vector-Jacobian products, batched LU; coupled rows give a wrong
+            Jacobian and lose the method's order).
         return_stats: also return a :class:`SolverStats` (function evaluations, accepted and
-            rejected steps, step times).
+            rejected steps, step times; for ``"rodas4"`` also Jacobians, LU factorisations and
+            linear solves).
 
     Returns:
         ``ys`` of shape ``(T, *S)`` (a tuple of such for a tuple ``y0``), with ``ys[0] == y0``;
@@ -173,13 +194,14 @@ def odeint(
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument and the fix.
-        RuntimeError: when the step size underflows or ``max_num_steps`` is exhausted.
+        RuntimeError: when the step size underflows or ``max_num_steps`` is exhausted, or (for
+            ``"rodas4"``) when ``W`` stays singular after halving the step five times.
         FloatingPointError: when the solution becomes NaN or inf.
     """
     setup = _Setup(func, y0, t, method, rtol, atol, options)
     stats = SolverStats()
     ys = _rk.solve(setup.dynamics(stats), setup.y_start, setup.times, setup.tableau, rtol=setup.rtol,
-                   atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats)
+                   atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats, shape=setup.shape)
     result = setup.stack(ys)
     return (result, stats) if return_stats else result
 
@@ -240,8 +262,18 @@ class _Setup:
             _check_output(out, i, shape, self.dtype, True)
         return self.flatten(outs)
 
-    def time(self, s: float) -> Tensor:
+    def time(self, s: Union[float, Tensor]) -> Tensor:
+        """The 0-d time tensor ``func`` receives; a tensor time (the Rosenbrock methods
+        differentiate with respect to it) is passed on, keeping its graph."""
+        if isinstance(s, Tensor):
+            return s.to(dtype=self.dtype, device=self.device)
         return torch.full((), s, dtype=self.dtype, device=self.device)
+
+    @property
+    def shape(self) -> Optional[torch.Size]:
+        """The state's shape as the user gave it, for ``options['jacobian'] == 'batched'``
+        (``None`` for a tuple state)."""
+        return None if self.is_tuple else self.shapes[0]
 
     def dynamics(self, stats: SolverStats) -> Callable[[float, Tensor], Tensor]:
         def f(s: float, y: Tensor) -> Tensor:

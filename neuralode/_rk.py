@@ -57,12 +57,20 @@ class SolverStats:
         n_accepted: accepted steps.
         n_rejected: rejected steps (adaptive methods only).
         step_times: the end time of every accepted step, in order.
+        n_jac: Jacobian evaluations ``df/dy`` (implicit methods only; 0 for explicit ones). Each
+            is one evaluation of ``func`` (counted in ``nfe``) plus its vectorised backward pass.
+        n_lu: LU factorisations of ``W = I - h gamma J`` (implicit methods; one per attempted
+            step, so ``n_lu >= n_accepted + n_rejected``; a batched factorisation counts once).
+        n_solves: linear solves with a factorised ``W`` (implicit methods; one per stage).
     """
 
     nfe: int = 0
     n_accepted: int = 0
     n_rejected: int = 0
     step_times: List[float] = field(default_factory=list)
+    n_jac: int = 0
+    n_lu: int = 0
+    n_solves: int = 0
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -122,12 +130,17 @@ class _Method:
         if self.dense is not None:
             weights = [sum(d * theta ** (m + 1) for m, d in enumerate(row)) for row in self.dense]
             return _combine(y0, h, weights, ks)
-        # Hermite basis: y0 (1 - 3 th^2 + 2 th^3) + y1 (3 th^2 - 2 th^3) + h f0 th (1 - th)^2 + h f1 th^2 (th - 1)
-        th2, th3 = theta * theta, theta**3
-        out = torch.add(y0 * (1 - 3 * th2 + 2 * th3), y1, alpha=3 * th2 - 2 * th3)
-        out.add_(f0, alpha=h * (theta - 2 * th2 + th3))
-        out.add_(f1, alpha=h * (th3 - th2))
-        return out
+        return _hermite(y0, y1, f0, f1, h, theta)
+
+
+def _hermite(y0: Tensor, y1: Tensor, f0: Tensor, f1: Tensor, h: float, theta: float) -> Tensor:
+    """The cubic Hermite interpolant through ``(y0, f0)`` and ``(y1, f1)`` at ``t0 + theta h``."""
+    # Hermite basis: y0 (1 - 3 th^2 + 2 th^3) + y1 (3 th^2 - 2 th^3) + h f0 th (1 - th)^2 + h f1 th^2 (th - 1)
+    th2, th3 = theta * theta, theta**3
+    out = torch.add(y0 * (1 - 3 * th2 + 2 * th3), y1, alpha=3 * th2 - 2 * th3)
+    out.add_(f0, alpha=h * (theta - 2 * th2 + th3))
+    out.add_(f1, alpha=h * (th3 - th2))
+    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -202,22 +215,84 @@ def _initial_step(func, t0, y0, f0, direction, order, rtol, atol, norm) -> float
     return min(100 * h0, h1)
 
 
+class _StepControl:
+    """Step-size control shared by every adaptive method: the guards before a step and the
+    controller after it (HNW I, section II.4; PI control: HNW II, section IV.2).
+
+    ``k`` is one more than the lower order of the pair. I control: ``h_new = h * safety *
+    err^(-1/k)``. PI control (Gustafsson 1991): ``h_new = h * safety * err^(-0.7/k) *
+    err_prev^(0.4/k)``, which damps the oscillation of ``h`` between accepted and rejected steps.
+    """
+
+    def __init__(self, options: dict, k: int, t_end: float, stats: SolverStats):
+        if options["controller"] == "pi":
+            self.beta1, self.beta2 = 0.7 / k, 0.4 / k
+        else:
+            self.beta1, self.beta2 = 1.0 / k, 0.0
+        self.exponent = 1.0 / k
+        self.prev_ratio = 1.0
+        self.safety, self.ifactor, self.dfactor = options["safety"], options["ifactor"], options["dfactor"]
+        self.max_step, self.min_step = options["max_step"], options["min_step"]
+        self.max_num_steps = options["max_num_steps"]
+        self.t_end, self.stats = t_end, stats
+        self.last_rejected = self.nonfinite = False
+
+    def next_step(self, t: float, h: float, direction: float):
+        """The step to attempt from ``t``: ``(h, t1)`` after the step budget, ``max_step``, the end
+        of the interval and the underflow checks (each failure raises, naming ``t`` and ``h``)."""
+        stats, t_end = self.stats, self.t_end
+        if stats.n_accepted + stats.n_rejected >= self.max_num_steps:
+            raise RuntimeError(
+                f"odeint: max_num_steps={self.max_num_steps} reached at t={t:.6g} (integrating to "
+                f"{t_end:.6g}; {stats.n_accepted} accepted, {stats.n_rejected} rejected steps, last "
+                f"h={h:.3g}). The problem may be stiff or the tolerances too tight: loosen rtol/atol, "
+                "or raise the limit with options={'max_num_steps': ...}."
+            )
+        h = min(h, self.max_step, abs(t_end - t))
+        # Do not leave a sliver of the interval for a last, needlessly tiny step.
+        if abs(t_end - t) - h < 1e-3 * h:
+            h = abs(t_end - t)
+        t1 = t_end if h == abs(t_end - t) else t + direction * h
+        if h < self.min_step or h <= 4 * _EPS * max(abs(t), abs(t1)):
+            if self.nonfinite:
+                raise FloatingPointError(
+                    f"odeint: step size underflow at t={t:.6g} (h={h:.3g}): every trial step produced "
+                    "NaN or inf. The solution blows up or the dynamics return non-finite values there."
+                )
+            raise RuntimeError(
+                f"odeint: step size underflow at t={t:.6g} (h={h:.3g}, min_step={self.min_step:.3g}). "
+                "The solution may blow up or be discontinuous there, or the problem may be stiff: "
+                "check the dynamics near this time."
+            )
+        return h, t1
+
+    def accept(self, ratio: float) -> float:
+        """The factor for ``h`` after an accepted step with error ratio ``ratio <= 1``."""
+        if ratio == 0.0:
+            factor = self.ifactor
+        else:
+            proposal = self.safety * ratio**-self.beta1 * self.prev_ratio**self.beta2
+            factor = min(self.ifactor, max(self.dfactor, proposal))
+        self.prev_ratio = max(ratio, 1e-4)
+        if self.last_rejected:
+            factor = min(factor, 1.0)
+        self.last_rejected = self.nonfinite = False
+        return factor
+
+    def reject(self, ratio: float) -> float:
+        """The factor for ``h`` after a rejected step (``ratio > 1`` or NaN)."""
+        self.nonfinite = not math.isfinite(ratio)
+        self.last_rejected = True
+        if self.nonfinite:  # the trial step overflowed: shrink hard and try again
+            return self.dfactor
+        return min(1.0, max(self.dfactor, self.safety * ratio**-self.exponent))
+
+
 def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, options, stats) -> List[Tensor]:
     t0, t_end = t_out[0], t_out[-1]
     direction = 1.0 if t_end >= t0 else -1.0
     tab = method.tableau
-    k = min(tab.order, tab.error_order) + 1
-    # I control: h_new = h * safety * err^(-1/k). PI control (Gustafsson 1991; HNW II, section IV.2):
-    # h_new = h * safety * err^(-0.7/k) * err_prev^(0.4/k), which damps the oscillation of h
-    # between accepted and rejected steps.
-    if options["controller"] == "pi":
-        beta1, beta2 = 0.7 / k, 0.4 / k
-    else:
-        beta1, beta2 = 1.0 / k, 0.0
-    exponent = 1.0 / k
-    prev_ratio = 1.0
-    safety, ifactor, dfactor = options["safety"], options["ifactor"], options["dfactor"]
-    max_step, min_step, max_num_steps = options["max_step"], options["min_step"], options["max_num_steps"]
+    control = _StepControl(options, min(tab.order, tab.error_order) + 1, t_end, stats)
 
     f0 = func(t0, y0)
     _check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
@@ -230,31 +305,8 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
     outputs = [y0]
     j = 1
     t, y = t0, y0
-    last_rejected = nonfinite = False
     while j < len(t_out):
-        if stats.n_accepted + stats.n_rejected >= max_num_steps:
-            raise RuntimeError(
-                f"odeint: max_num_steps={max_num_steps} reached at t={t:.6g} (integrating to "
-                f"{t_end:.6g}; {stats.n_accepted} accepted, {stats.n_rejected} rejected steps, last "
-                f"h={h:.3g}). The problem may be stiff or the tolerances too tight: loosen rtol/atol, "
-                "or raise the limit with options={'max_num_steps': ...}."
-            )
-        h = min(h, max_step, abs(t_end - t))
-        # Do not leave a sliver of the interval for a last, needlessly tiny step.
-        if abs(t_end - t) - h < 1e-3 * h:
-            h = abs(t_end - t)
-        t1 = t_end if h == abs(t_end - t) else t + direction * h
-        if h < min_step or h <= 4 * _EPS * max(abs(t), abs(t1)):
-            if nonfinite:
-                raise FloatingPointError(
-                    f"odeint: step size underflow at t={t:.6g} (h={h:.3g}): every trial step produced "
-                    "NaN or inf. The solution blows up or the dynamics return non-finite values there."
-                )
-            raise RuntimeError(
-                f"odeint: step size underflow at t={t:.6g} (h={h:.3g}, min_step={min_step:.3g}). "
-                "The solution may blow up or be discontinuous there, or the problem may be stiff: "
-                "check the dynamics near this time."
-            )
+        h, t1 = control.next_step(t, h, direction)
         hs = t1 - t
         y1, ks = method.step(func, t, y, f0, hs)
         with torch.no_grad():  # step-size control needs no gradients
@@ -274,22 +326,10 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
             stats.n_accepted += 1
             stats.step_times.append(t1)
             t, y, f0 = t1, y1, f1
-            if ratio == 0.0:
-                factor = ifactor
-            else:
-                factor = min(ifactor, max(dfactor, safety * ratio**-beta1 * prev_ratio**beta2))
-            prev_ratio = max(ratio, 1e-4)
-            if last_rejected:
-                factor = min(factor, 1.0)
-            last_rejected = nonfinite = False
+            factor = control.accept(ratio)
         else:
             stats.n_rejected += 1
-            nonfinite = not math.isfinite(ratio)
-            if nonfinite:  # the trial step overflowed: shrink hard and try again
-                factor = dfactor
-            else:
-                factor = min(1.0, max(dfactor, safety * ratio**-exponent))
-            last_rejected = True
+            factor = control.reject(ratio)
         h = h * factor
     return outputs
 
@@ -305,25 +345,37 @@ def solve(
     norm: Norm,
     options: dict,
     stats: SolverStats,
+    shape: Optional[torch.Size] = None,
 ) -> List[Tensor]:
     """Integrate ``y' = func(t, y)`` from ``t_out[0]`` and return ``y`` at every time in ``t_out``.
 
     Args:
-        func: the dynamics on the flat state, ``func(t: float, y) -> Tensor`` like ``y``.
+        func: the dynamics on the flat state, ``func(t: float, y) -> Tensor`` like ``y``. For a
+            Rosenbrock method ``t`` may also be a 0-d tensor (the Jacobian evaluation
+            differentiates with respect to it).
         y0: initial state, any shape.
         t_out: strictly monotonic output times (floats), ``t_out[0]`` the initial time.
-        tableau: the method.
+        tableau: the method: a :class:`~neuralode._tableaus.ButcherTableau` (explicit) or a
+            :class:`~neuralode._rosenbrock.RosenbrockTableau` (linearly implicit, for stiff problems).
         rtol, atol: relative and absolute tolerances (adaptive methods only).
         norm: the error norm, e.g. :func:`rms_norm`.
-        options: every key of :data:`FIXED_OPTIONS` or :data:`ADAPTIVE_OPTIONS`, filled in.
+        options: every key of :data:`FIXED_OPTIONS`, :data:`ADAPTIVE_OPTIONS` or (Rosenbrock)
+            ``ROSENBROCK_OPTIONS``, filled in.
         stats: counters, updated in place.
+        shape: the user's state shape when ``y0`` is its flattened copy (Rosenbrock methods with
+            ``options["jacobian"] == "batched"``); default ``y0.shape``.
 
     Returns:
         A list of ``len(t_out)`` tensors shaped like ``y0``.
     """
-    method = _method(tableau)
     if len(t_out) == 1:
         return [y0]
+    if not isinstance(tableau, ButcherTableau):
+        from . import _rosenbrock  # imports this module: resolved at call time
+
+        return _rosenbrock.solve(func, y0, t_out, tableau, rtol=rtol, atol=atol, norm=norm, options=options,
+                                 stats=stats, shape=shape)
+    method = _method(tableau)
     if tableau.adaptive:
         return _solve_adaptive(func, y0, t_out, method, rtol, atol, norm, options, stats)
     return _solve_fixed(func, y0, t_out, method, options, stats)

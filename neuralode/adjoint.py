@@ -84,7 +84,11 @@ def odeint_adjoint(
             ``t``). Defaults to ``func.parameters()`` when ``func`` is an ``nn.Module``; a plain
             function must name them (``()`` when only ``y0`` matters).
         adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: the backward solve's
-            settings; each defaults to its forward counterpart.
+            settings; each defaults to its forward counterpart. With ``"rodas4"`` the backward
+            solve of the augmented state is implicit too (with the full Jacobian of the augmented
+            system, even when the forward pass uses ``jacobian="batched"``); but reconstructing
+            ``z`` backwards grows like ``exp(|lambda| t)`` in stiff directions whatever the
+            method, so on stiff problems use ``checkpoints``.
         seminorm: leave the parameter adjoint out of the backward error norm (fewer backward
             steps; the parameter gradient is then integrated at the accuracy the state and its
             adjoint need).
@@ -168,7 +172,8 @@ class _Adjoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup, back, seminorm, checkpoints, stats, y0, t, *params):
         dynamics = setup.dynamics(stats)
-        solve = dict(rtol=setup.rtol, atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats)
+        solve = dict(rtol=setup.rtol, atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats,
+                     shape=setup.shape)
         with torch.no_grad():
             if checkpoints is None:
                 ys = torch.stack(_rk.solve(dynamics, y0, setup.times, setup.tableau, **solve))
@@ -212,13 +217,13 @@ class _Adjoint(torch.autograd.Function):
         return (None, None, None, None, None, grad_y0, grad_t, *grad_params)
 
 
-def _vjp(outputs, inputs, cotangents):
+def _vjp(outputs, inputs, cotangents, create_graph: bool = False):
     """``sum_k cotangent_k . d output_k / d input`` for every input, zeros where unconnected."""
     connected = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
     if not connected:
         return [torch.zeros_like(x) for x in inputs]
     outs, cots = zip(*connected)
-    grads = torch.autograd.grad(outs, inputs, grad_outputs=cots, allow_unused=True)
+    grads = torch.autograd.grad(outs, inputs, grad_outputs=cots, allow_unused=True, create_graph=create_graph)
     return [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
 
 
@@ -227,15 +232,21 @@ def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
     n, dim = len(setup.times), ys.shape[1]
     sizes = [dim, dim] + [p.numel() for p in params]
 
-    def augmented(s: float, x: Tensor) -> Tensor:
+    def augmented(s, x: Tensor) -> Tensor:
         stats.backward_nfe += 1
+        # An implicit backward method differentiates this function (its Jacobian, and df/dt for a
+        # tensor s): then x requires grad and the result must stay a differentiable function of x.
+        differentiable = torch.is_grad_enabled() and x.requires_grad
         z, a = x[:dim], x[dim:2 * dim]
         with torch.enable_grad():
-            z = z.detach().requires_grad_(True)
+            if not differentiable:
+                z = z.detach().requires_grad_(True)
             f = setup.call(setup.time(s), z)
-            vjps = _vjp([f], (z,) + params, [a])
+            vjps = _vjp([f], (z,) + params, [a], create_graph=differentiable)
+        if not differentiable:
+            f = f.detach()
         # d/dt [z, a, a_theta] = [f, -a df/dz, -a df/dtheta]
-        return torch.cat([f.detach(), -vjps[0]] + [-v.reshape(-1).to(x.dtype) for v in vjps[1:]])
+        return torch.cat([f, -vjps[0]] + [-v.reshape(-1).to(x.dtype) for v in vjps[1:]])
 
     def norm(x: Tensor) -> Tensor:
         chunks = torch.split(x, sizes)
@@ -244,13 +255,17 @@ def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
         return torch.stack([_rk.rms_norm(c) for c in chunks if c.numel()]).max()
 
     back_stats = SolverStats()
+    options = back.options
+    if options.get("jacobian") == "batched":
+        # The augmented state [z, a, a_theta] is flat and its rows are coupled through a_theta.
+        options = {**options, "jacobian": "full"}
     a = grad_ys[-1]
     a_params = torch.zeros(sum(sizes[2:]), dtype=ys.dtype, device=ys.device)
     with torch.no_grad():
         for i in range(n - 1, 0, -1):
             x = torch.cat([ys[i], a, a_params])
             x = _rk.solve(augmented, x, [setup.times[i], setup.times[i - 1]], back.tableau, rtol=back.rtol,
-                          atol=back.atol, norm=norm, options=back.options, stats=back_stats)[-1]
+                          atol=back.atol, norm=norm, options=options, stats=back_stats)[-1]
             # Keep the forward pass's z(t_{i-1}); add the loss's direct dependence on it.
             a = x[dim:2 * dim] + grad_ys[i - 1]
             a_params = x[2 * dim:]
@@ -274,7 +289,7 @@ def _resolve_segments(setup, k, stats, states, grad_ys, params):
             z = states[idx].detach().requires_grad_(True)
             # The same calls as the forward pass, so the same steps: the re-solve reproduces it.
             outs = _rk.solve(dynamics, z, grid, setup.tableau, rtol=setup.rtol, atol=setup.atol,
-                             norm=setup.norm, options=setup.options, stats=seg_stats)
+                             norm=setup.norm, options=setup.options, stats=seg_stats, shape=setup.shape)
             end_grad = a if last is None else a + grad_ys[last]
             grads = _vjp(outs[1:], (z,) + params, [grad_ys[j] for j in interior] + [end_grad])
         a = grads[0]
