@@ -12,6 +12,7 @@ from .flows import PlanarFlow
 from .latent import LatentODE, PoissonLatentODE, RecognitionRNN, RNNBaseline
 from .poisson import compensator, poisson_log_likelihood, simulate_thinning
 from ._tableaus import TABLEAUS, ButcherTableau
+from ._rosenbrock import RosenbrockTableau
 from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
                    count_parameters, make_classifier)
 from .training import (PROFILES, History, default_device, evaluate, fit, resolve_profile, saved_tensor_bytes,
@@ -20,7 +21,7 @@ from .training import (PROFILES, History, default_device, evaluate, fit, resolve
 __version__ = "0.1.0"
 
 __all__ = [
-    "odeint", "odeint_adjoint", "METHODS", "SolverStats", "AdjointStats", "ButcherTableau", "TABLEAUS",
+    "odeint", "odeint_adjoint", "METHODS", "SolverStats", "AdjointStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
     "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
     "make_classifier", "count_parameters",
     "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",

@@ -129,6 +129,36 @@ class ButcherTableau:
         """True for an embedded pair, which can estimate its own error."""
         return self.b_error is not None
 
+    def stability_function(self, z):
+        r"""The method's stability function at ``z = h lambda`` (complex array or scalar).
+
+        One step on the test equation :math:`y' = \lambda y` multiplies :math:`y` by
+
+        .. math::
+
+            R(z) = 1 + z\, b^\top (I - zA)^{-1} \mathbf 1 = 1 + \sum_{k \ge 1} z^k\, b^\top A^{k-1} \mathbf 1,
+
+        a polynomial of degree at most ``s`` for an explicit method (:math:`A` is nilpotent). The
+        method is stable on the test equation where :math:`|R(z)| \le 1` (HNW II, section IV.2).
+
+        Returns:
+            ``R(z)`` as a complex NumPy array shaped like ``z``.
+        """
+        import numpy as np
+
+        s = self.stages
+        a = np.zeros((s, s))
+        for i, row in enumerate(self.a, start=1):
+            a[i, :i] = [float(x) for x in row]
+        b = np.array([float(x) for x in self.b])
+        z = np.asarray(z, dtype=complex)
+        out, power, v = np.ones_like(z), np.ones_like(z), np.ones(s)
+        for _ in range(s):  # v = A^{k-1} 1, power = z^k
+            power = power * z
+            out = out + power * (b @ v)
+            v = a @ v
+        return out
+
 
 def _tableau(name, order, c, a, b, b_hat=None, error_order=None, fsal=False, c_mid=None, dense=None):
     b = _fractions(b)
@@ -245,5 +275,7 @@ TSIT5 = _tableau(
     ],
 )
 
-#: Every method ``odeint`` knows, by name. Adding a Runge-Kutta method is one tableau here.
+#: Every method ``odeint`` knows, by name: the explicit tableaux below and, registered by
+#: ``neuralode._odeint``, the Rosenbrock methods for stiff problems (:class:`RosenbrockTableau`).
+#: Adding an explicit Runge-Kutta method is one tableau here.
 TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, HEUN2, RK4, ADAPTIVE_HEUN, BOSH3, DOPRI5, TSIT5)}
