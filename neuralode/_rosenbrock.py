@@ -211,7 +211,7 @@ class RosenbrockTableau:
 
     @property
     def adaptive(self) -> bool:
-        """Always True: the embedded solution estimates the error."""
+        """True, as for every method here: the embedded solution estimates the error."""
         return True
 
     def stability_function(self, z, embedded: bool = False):
