@@ -132,9 +132,12 @@ def _lower(rows: Sequence[Sequence[float]], s: int) -> List[List[Fraction]]:
 class RosenbrockTableau:
     r"""A Rosenbrock method: the published coefficients its step uses and, derived from them, its
     canonical form (HNW II, section VI.7, eq. (7.4)), with the same field names as a
-    :class:`~neuralode._tableaus.ButcherTableau` so the registry treats every method alike.
+    :class:`~neuralode.ButcherTableau` so the registry treats every method alike.
 
-    Args (the transformed form of HNW eq. (7.25), as printed in ``rodas.f``):
+    The arguments are the coefficients of the transformed form of HNW eq. (7.25), as printed in
+    ``rodas.f``.
+
+    Args:
         name: the method's name as ``odeint`` accepts it.
         order, error_order: orders of the propagated and the embedded solutions.
         gamma: the diagonal coefficient :math:`\gamma` (:math:`W = I - h \gamma J`).
@@ -211,7 +214,7 @@ class RosenbrockTableau:
 
     @property
     def adaptive(self) -> bool:
-        """True, as for every method here: the embedded solution estimates the error."""
+        """Always true for a Rosenbrock method, whose embedded solution estimates the error."""
         return True
 
     def stability_function(self, z, embedded: bool = False):
