@@ -222,9 +222,10 @@ class _StepControl:
     ``k`` is one more than the lower order of the pair. I control: ``h_new = h * safety *
     err^(-1/k)``. PI control (Gustafsson 1991): ``h_new = h * safety * err^(-0.7/k) *
     err_prev^(0.4/k)``, which damps the oscillation of ``h`` between accepted and rejected steps.
+    It also counts the steps in ``stats``.
     """
 
-    def __init__(self, options: dict, k: int, t_end: float, stats: SolverStats):
+    def __init__(self, options: dict, k: int, t_out: Sequence[float], stats: SolverStats):
         if options["controller"] == "pi":
             self.beta1, self.beta2 = 0.7 / k, 0.4 / k
         else:
@@ -234,10 +235,21 @@ class _StepControl:
         self.safety, self.ifactor, self.dfactor = options["safety"], options["ifactor"], options["dfactor"]
         self.max_step, self.min_step = options["max_step"], options["min_step"]
         self.max_num_steps = options["max_num_steps"]
-        self.t_end, self.stats = t_end, stats
+        self.first = options["first_step"]
+        self.t_end, self.stats = t_out[-1], stats
+        self.direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
         self.last_rejected = self.nonfinite = False
 
-    def next_step(self, t: float, h: float, direction: float):
+    def first_step(self, func, t0: float, y0: Tensor, f0: Tensor, order: int, rtol, atol, norm: Norm) -> float:
+        """Check that the start is finite; the first step size: ``options["first_step"]`` or
+        Hairer's estimate (:func:`_initial_step`)."""
+        _check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
+        if self.first is not None:
+            return float(self.first)
+        with torch.no_grad():
+            return _initial_step(func, t0, y0.detach(), f0.detach(), self.direction, order, rtol, atol, norm)
+
+    def next_step(self, t: float, h: float):
         """The step to attempt from ``t``: ``(h, t1)`` after the step budget, ``max_step``, the end
         of the interval and the underflow checks (each failure raises, naming ``t`` and ``h``)."""
         stats, t_end = self.stats, self.t_end
@@ -252,7 +264,7 @@ class _StepControl:
         # Do not leave a sliver of the interval for a last, needlessly tiny step.
         if abs(t_end - t) - h < 1e-3 * h:
             h = abs(t_end - t)
-        t1 = t_end if h == abs(t_end - t) else t + direction * h
+        t1 = t_end if h == abs(t_end - t) else t + self.direction * h
         if h < self.min_step or h <= 4 * _EPS * max(abs(t), abs(t1)):
             if self.nonfinite:
                 raise FloatingPointError(
@@ -266,8 +278,10 @@ class _StepControl:
             )
         return h, t1
 
-    def accept(self, ratio: float) -> float:
-        """The factor for ``h`` after an accepted step with error ratio ``ratio <= 1``."""
+    def accept(self, ratio: float, t1: float) -> float:
+        """Count the step ending at ``t1``; the factor for ``h`` after it (error ratio ``ratio <= 1``)."""
+        self.stats.n_accepted += 1
+        self.stats.step_times.append(t1)
         if ratio == 0.0:
             factor = self.ifactor
         else:
@@ -280,7 +294,8 @@ class _StepControl:
         return factor
 
     def reject(self, ratio: float) -> float:
-        """The factor for ``h`` after a rejected step (``ratio > 1`` or NaN)."""
+        """Count a rejected step (``ratio > 1`` or NaN); the factor for ``h`` after it."""
+        self.stats.n_rejected += 1
         self.nonfinite = not math.isfinite(ratio)
         self.last_rejected = True
         if self.nonfinite:  # the trial step overflowed: shrink hard and try again
@@ -288,31 +303,32 @@ class _StepControl:
         return min(1.0, max(self.dfactor, self.safety * ratio**-self.exponent))
 
 
-def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, options, stats) -> List[Tensor]:
-    t0, t_end = t_out[0], t_out[-1]
-    direction = 1.0 if t_end >= t0 else -1.0
-    tab = method.tableau
-    control = _StepControl(options, min(tab.order, tab.error_order) + 1, t_end, stats)
+def _error_ratio(err: Tensor, y: Tensor, y1: Tensor, rtol: float, atol: float, norm: Norm) -> float:
+    """``norm(err / (atol + rtol * max(|y|, |y1|)))``: a step is accepted when it is at most 1. The
+    one host-device synchronisation per adaptive step."""
+    with torch.no_grad():  # step-size control needs no gradients
+        scale = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
+        return float(norm(err.detach() / scale))
 
+
+def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, options, stats) -> List[Tensor]:
+    tab = method.tableau
+    control = _StepControl(options, min(tab.order, tab.error_order) + 1, t_out, stats)
+    direction = control.direction
+    t0 = t_out[0]
     f0 = func(t0, y0)
-    _check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
-    if options["first_step"] is not None:
-        h = float(options["first_step"])
-    else:
-        with torch.no_grad():
-            h = _initial_step(func, t0, y0.detach(), f0.detach(), direction, tab.order, rtol, atol, norm)
+    h = control.first_step(func, t0, y0, f0, tab.order, rtol, atol, norm)
 
     outputs = [y0]
     j = 1
     t, y = t0, y0
     while j < len(t_out):
-        h, t1 = control.next_step(t, h, direction)
+        h, t1 = control.next_step(t, h)
         hs = t1 - t
         y1, ks = method.step(func, t, y, f0, hs)
-        with torch.no_grad():  # step-size control needs no gradients
+        with torch.no_grad():
             err = _combine(None, hs, method.b_error, [k.detach() for k in ks])
-            scale = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
-            ratio = float(norm(err / scale))  # the one host-device synchronisation per step
+        ratio = _error_ratio(err, y, y1, rtol, atol, norm)
 
         if ratio <= 1.0:  # accept (False for NaN)
             f1 = ks[-1] if method.fsal else func(t1, y1)
@@ -323,12 +339,9 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
                     out = method.interpolate(y, y1, f0, f1, hs, ks, (t_out[j] - t) / hs)
                 outputs.append(out)
                 j += 1
-            stats.n_accepted += 1
-            stats.step_times.append(t1)
             t, y, f0 = t1, y1, f1
-            factor = control.accept(ratio)
+            factor = control.accept(ratio, t1)
         else:
-            stats.n_rejected += 1
             factor = control.reject(ratio)
         h = h * factor
     return outputs

@@ -442,8 +442,8 @@ def solve(func, y0: Tensor, t_out: Sequence[float], tab: RosenbrockTableau, *, r
             f"independently, but the state has shape {tuple(shape)} (a tuple state counts as one flat "
             "vector). Reshape the state to (B, D), or use options={'jacobian': 'full'}.")
     t0, t_end = t_out[0], t_out[-1]
-    direction = 1.0 if t_end >= t0 else -1.0
-    control = _rk._StepControl(options, min(tab.order, tab.error_order) + 1, t_end, stats)
+    control = _rk._StepControl(options, min(tab.order, tab.error_order) + 1, t_out, stats)
+    direction = control.direction
     outer = False
     if torch.is_grad_enabled() and not y0.requires_grad:
         # Do the dynamics hold parameters that require grad? One evaluation on a detached state tells
@@ -452,19 +452,14 @@ def solve(func, y0: Tensor, t_out: Sequence[float], tab: RosenbrockTableau, *, r
     jacobian = _Jacobian(func, mode, shape, stats, outer)
 
     f0, jac, f_t = jacobian(t0, y0)
-    _rk._check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
-    if options["first_step"] is not None:
-        h = float(options["first_step"])
-    else:
-        with torch.no_grad():
-            h = _rk._initial_step(func, t0, y0.detach(), f0.detach(), direction, tab.order, rtol, atol, norm)
+    h = control.first_step(func, t0, y0, f0, tab.order, rtol, atol, norm)
 
     outputs = [y0]
     j = 1
     t, y = t0, y0
     singular = 0
     while j < len(t_out):
-        h, t1 = control.next_step(t, h, direction)
+        h, t1 = control.next_step(t, h)
         hs = t1 - t
         linear = _Linear(jac, hs * tab.gamma, mode, shape, stats)
         if linear.singular:
@@ -480,9 +475,7 @@ def solve(func, y0: Tensor, t_out: Sequence[float], tab: RosenbrockTableau, *, r
             continue
         singular = 0
         y1, err, us = _step(func, tab, t, y, f0, f_t, linear, hs)
-        with torch.no_grad():
-            scale = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
-            ratio = float(norm(err.detach() / scale))  # the one host-device synchronisation per step
+        ratio = _rk._error_ratio(err, y, y1, rtol, atol, norm)
 
         if ratio <= 1.0:  # accept (False for NaN)
             f1 = ypp0 = stiff = None
@@ -506,14 +499,11 @@ def solve(func, y0: Tensor, t_out: Sequence[float], tab: RosenbrockTableau, *, r
                         out = _quartic(y, y1, f0, f1, ypp0, hs, theta)
                 outputs.append(out)
                 j += 1
-            stats.n_accepted += 1
-            stats.step_times.append(t1)
             if t1 != t_end:
                 f0, jac, f_t = f1, jac1, f_t1
             t, y = t1, y1
-            factor = control.accept(ratio)
+            factor = control.accept(ratio, t1)
         else:
-            stats.n_rejected += 1
             factor = control.reject(ratio)
         h = h * factor
     return outputs
