@@ -108,6 +108,7 @@ import torch
 from torch import Tensor
 
 from . import _rk
+from ._tableaus import _stability_function
 
 __all__ = ["RosenbrockTableau", "ROSENBROCK_TABLEAUS", "RODAS4", "ROSENBROCK_OPTIONS", "JACOBIANS",
            "solve"]
@@ -232,21 +233,11 @@ class RosenbrockTableau:
         Returns:
             ``R(z)`` as a complex NumPy array shaped like ``z``.
         """
-        import numpy as np
-
-        s = self.stages
-        beta = np.zeros((s, s))
-        for i in range(s):
-            beta[i, :i + 1] = [float(x) for x in self.gammas[i]]
-            if i:
-                beta[i, :i] += [float(x) for x in self.a[i - 1]]
+        alpha = ((),) + tuple(self.a)
+        beta = [tuple(g + (alpha[i][j] if j < i else 0) for j, g in enumerate(self.gammas[i]))
+                for i in range(self.stages)]
         weights = [x - e for x, e in zip(self.b, self.b_error)] if embedded else self.b
-        b = np.array([float(x) for x in weights])
-        z = np.asarray(z, dtype=complex)
-        flat = z.reshape(-1)
-        lhs = np.eye(s)[None] - flat[:, None, None] * beta[None]
-        v = np.linalg.solve(lhs, np.ones((len(flat), s, 1), dtype=complex))[..., 0]
-        return (1 + flat * (v @ b)).reshape(z.shape)
+        return _stability_function(beta, weights, z)
 
 
 # Hairer & Wanner, rodas.f, subroutine ROCOE, METH = 1 (HNW II, Table VI.4.3 in the transformed form).

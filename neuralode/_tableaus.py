@@ -144,20 +144,26 @@ class ButcherTableau:
         Returns:
             ``R(z)`` as a complex NumPy array shaped like ``z``.
         """
-        import numpy as np
+        return _stability_function(((),) + tuple(self.a), self.b, z)
 
-        s = self.stages
-        a = np.zeros((s, s))
-        for i, row in enumerate(self.a, start=1):
-            a[i, :i] = [float(x) for x in row]
-        b = np.array([float(x) for x in self.b])
-        z = np.asarray(z, dtype=complex)
-        out, power, v = np.ones_like(z), np.ones_like(z), np.ones(s)
-        for _ in range(s):  # v = A^{k-1} 1, power = z^k
-            power = power * z
-            out = out + power * (b @ v)
-            v = a @ v
-        return out
+
+def _stability_function(rows: Sequence[Sequence], b: Sequence, z):
+    r""":math:`R(z) = 1 + z\, b^\top (I - zM)^{-1} \mathbf 1` at a complex array ``z``, for the
+    lower-triangular ``s x s`` matrix ``M`` whose row ``i`` starts with the entries ``rows[i]`` (the
+    rest zero): a Runge-Kutta matrix ``A``, or a Rosenbrock method's ``(alpha_ij + gamma_ij)``.
+    ``(I - zM) v = 1`` is solved by forward substitution, stage by stage as a step computes it.
+    Returns a complex NumPy array shaped like ``z``."""
+    import numpy as np
+
+    z = np.asarray(z, dtype=complex)
+    v = []
+    for i, row in enumerate(rows):
+        acc = np.ones_like(z)
+        for j, m in enumerate(row[:i]):
+            acc = acc + z * float(m) * v[j]
+        diagonal = float(row[i]) if len(row) > i else 0.0
+        v.append(acc / (1 - z * diagonal))
+    return 1 + z * sum(float(w) * vi for w, vi in zip(b, v))
 
 
 def _tableau(name, order, c, a, b, b_hat=None, error_order=None, fsal=False, c_mid=None, dense=None):
