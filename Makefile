@@ -16,9 +16,9 @@ PYTEST_ARGS ?=
 help:
 	@echo "make book   execute every chapter and build the HTML book into _build/html"
 	@echo "make test   run the test suite: library, chapters (smoke profile), strict book build"
-	@echo "make bench  time neuralode against torchdiffeq and draw work-precision diagrams (benchmarks/results)"
-	@echo "make student  write the student edition (no solutions) and the autograders into _build/course"
-	@echo "make grade SUBMISSIONS=dir  grade a folder of submitted notebooks; writes dir/scores.csv"
+	@echo "make bench  time neuralode against torchdiffeq and draw work-precision diagrams (benchmarks/results; QUICK=1 for a quick try)"
+	@echo "make student  write the student notebooks, the autograders and the book's HTML without solutions into _build/course"
+	@echo "make grade SUBMISSIONS=dir  grade a folder of submitted notebooks (runs students' code!); writes dir/scores.csv"
 	@echo "make clean  remove _build (the virtual environment .venv stays)"
 
 $(BIN)/python:
@@ -34,12 +34,13 @@ $(STAMP): pyproject.toml | $(BIN)/python
 # the installed packages or the run profile change, so that the book shows what the code computes now.
 CACHE_KEY = $$(cat neuralode/*.py pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)-profile=$${NEURALODE_PROFILE:-auto}
 
-book: $(STAMP)
-	@mkdir -p _build
-	@key="$(CACHE_KEY)"; \
+DROP_STALE_CACHE = mkdir -p _build; key="$(CACHE_KEY)"; \
 	if [ "$$(cat _build/.cache-key 2>/dev/null)" != "$$key" ]; then \
 		rm -rf _build/.jupyter_cache; echo "$$key" > _build/.cache-key; \
 	fi
+
+book: $(STAMP)
+	@$(DROP_STALE_CACHE)
 	$(BIN)/jupyter-book build . --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
@@ -47,18 +48,29 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -ra --durations=15 $(PYTEST_ARGS)
 
 # Side-by-side timings and work-precision diagrams; never part of `make test` (timings are not tests).
+# QUICK=1: one repeat and every other tolerance (a minute, for trying the scripts; not for reporting).
+BENCH_OUT ?= benchmarks/results
+QUICK     ?=
 bench: $(STAMP)
-	$(BIN)/python benchmarks/speed.py --out benchmarks/results
-	$(BIN)/python benchmarks/work_precision.py --out benchmarks/results
-	@echo "Results: $(CURDIR)/benchmarks/results/"
+	$(BIN)/python benchmarks/speed.py --out "$(BENCH_OUT)" $(if $(QUICK),--repeats 1)
+	$(BIN)/python benchmarks/work_precision.py --out "$(BENCH_OUT)" $(if $(QUICK),--quick)
+	@echo "Results: $(abspath $(BENCH_OUT))/"
 
-# The course edition: otter-grader's assign over every chapter (tools/course.py explains the format).
+# The course edition: otter-grader's assign over every chapter, and the book's HTML without
+# solutions, rendered from make book's execution cache (tools/course.py explains the format).
+# COURSE: where it goes; EXECUTED=dir renders executed notebooks from dir instead of the cache.
+COURSE   ?= _build/course
+EXECUTED ?=
 student: $(STAMP)
-	$(BIN)/python tools/course.py student --out _build/course
+	@$(if $(EXECUTED),:,$(DROP_STALE_CACHE))
+	$(BIN)/python tools/course.py student --out "$(COURSE)" $(if $(EXECUTED),--executed "$(EXECUTED)")
 
+# Grading runs the students' code: do it in a container or a throwaway account (book/instructors.md).
 SUBMISSIONS ?= submissions
+TIMEOUT     ?= 600
+JOBS        ?= 1
 grade: $(STAMP)
-	$(BIN)/python tools/course.py grade $(SUBMISSIONS) --course _build/course
+	$(BIN)/python tools/course.py grade "$(SUBMISSIONS)" --course "$(COURSE)" --timeout $(TIMEOUT) --jobs $(JOBS)
 
 clean:
 	rm -rf _build

@@ -181,6 +181,16 @@ class BookBuild:
     missing_chapters: list[str]  # chapters whose smoke run failed (rendered from their partial output)
 
 
+def course_tools():
+    """tools/course.py as a module (it also copies the book's sources for a build)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("course", ROOT / "tools" / "course.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _test_config() -> dict:
     config = load_yaml(ROOT / "_config.yml")
     # Everything was executed by the smoke runs: render their outputs, execute nothing again.
@@ -193,19 +203,7 @@ def book_build(smoke: SmokeRuns) -> BookBuild:
     """The book built like CI should: smoke outputs, execution off, -W -n --keep-going."""
     failed = [c.stem for c in chapters() if not smoke(c).ok]
 
-    shutil.rmtree(TEST_BOOK_DIR, ignore_errors=True)  # a fresh build: stale pages hide warnings
-    TEST_BOOK_DIR.mkdir(parents=True)
-    shutil.copy2(ROOT / "_toc.yml", TEST_BOOK_DIR / "_toc.yml")
-    with open(TEST_BOOK_DIR / "_config.yml", "w", encoding="utf-8") as f:
-        yaml.safe_dump(_test_config(), f, sort_keys=False)
-    shutil.copytree(
-        ROOT / "book", TEST_BOOK_DIR / "book",
-        ignore=shutil.ignore_patterns(".ipynb_checkpoints", "_build", "__pycache__"),
-    )
-    for folder in ("_static", "tools"):  # tools/ holds the book's local Sphinx extension
-        if (ROOT / folder).is_dir():
-            shutil.copytree(ROOT / folder, TEST_BOOK_DIR / folder,
-                            ignore=shutil.ignore_patterns("__pycache__"))
+    course_tools().copy_book_sources(TEST_BOOK_DIR, _test_config())
     for chapter in chapters():
         executed = SmokeRuns.output_path(chapter)
         if executed.is_file():  # papermill writes its output even when a cell fails

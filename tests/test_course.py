@@ -1,75 +1,64 @@
-"""The course edition: `make student` hides every solution, and the autograder tells them apart.
+"""The course edition, driven the way an instructor drives it: `make student` and `make grade`.
 
 The book's notebooks are the one source of the exercises; tools/course.py turns them into
-otter-grader assignments. Here: the student notebooks keep the checks and lose the solutions; the
-autograder gives the solutions full marks and the untouched student edition zero.
+otter-grader assignments. Here: `make student` (relative paths, from the repository root) writes
+student notebooks that keep the visible checks and lose the solutions and the hidden checks, the
+autograders, and the book's HTML without solutions; the autograder gives the solutions full marks
+and the untouched student edition zero; `make grade` survives a real class folder.
 """
 
 from __future__ import annotations
 
 import ast
-import importlib.util
+import csv
 import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import nbformat
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("course", ROOT / "tools" / "course.py")
-course = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(course)
+from conftest import ROOT, SMOKE_DIR, SmokeRuns, chapters as book_chapters, course_tools
+
+course = course_tools()
+
+COURSE_REL = "_build/test-course"  # relative to the repository root, as an instructor would type it
+CLASS_REL = "_build/test-class"
+
+
+def make(*args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    """`make ARGS` in the repository root, as typed there. Under `make test` this interpreter is
+    the Makefile's own (.venv); elsewhere the recipe is pointed at this interpreter."""
+    here = [] if Path(sys.prefix).resolve() == (ROOT / ".venv").resolve() else \
+        [f"BIN={Path(sys.executable).parent}", "STAMP="]
+    return subprocess.run(["make", "--no-print-directory", *args, *here], cwd=ROOT, capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=timeout)
 
 
 def _exercise_labels(nb) -> list[str]:
     return [course._label(c) for c in nb.cells if course._directive(c, "exercise")]
 
 
+def _tagged(nb, tag: str) -> list:
+    return [c for c in nb.cells if tag in c.metadata.get("tags", [])]
+
+
 @pytest.fixture(scope="module")
-def edition(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("course")
-    course.build_student_edition(out)
-    return out
+def edition(smoke: SmokeRuns) -> Path:
+    """`make student COURSE=_build/test-course EXECUTED=_build/smoke`: the edition, with the HTML
+    rendered from this session's smoke runs (the book build's inputs too)."""
+    failed = [c.name for c in book_chapters() if not smoke(c).ok]
+    if failed:
+        pytest.fail(f"the student HTML renders the smoke runs, and these failed: {failed}")
+    shutil.rmtree(ROOT / COURSE_REL, ignore_errors=True)
+    result = make("student", f"COURSE={COURSE_REL}", f"EXECUTED={SMOKE_DIR.relative_to(ROOT)}")
+    assert result.returncode == 0, f"make student failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return ROOT / COURSE_REL
 
 
-def test_every_chapter_becomes_an_assignment(edition: Path):
-    chapters = course.chapters()
-    assert chapters, "no chapters found through _toc.yml"
-    for chapter in chapters:
-        for sub, suffix in [("student", ".ipynb"), ("solutions", ".ipynb"), ("autograder", ".zip")]:
-            assert (edition / sub / f"{chapter.stem}{suffix}").exists(), f"{sub} of {chapter.stem} missing"
-        labels = _exercise_labels(nbformat.read(chapter, as_version=4))
-        assert len(labels) >= 3, f"{chapter.name}: a chapter ends with at least three exercises"
-        student = nbformat.read(edition / "student" / chapter.name, as_version=4)
-        assert student.metadata[course.CHAPTER_KEY] == chapter.stem
-        # Every exercise with a check cell is an autograded question of the same name.
-        assert set(student.metadata["otter"]["tests"]) <= set(labels)
-
-
-def test_student_edition_hides_solutions_and_keeps_checks(edition: Path):
-    for chapter in course.chapters():
-        book = nbformat.read(chapter, as_version=4)
-        student = nbformat.read(edition / "student" / chapter.name, as_version=4)
-        text = "\n".join(c.source for c in student.cells)
-        solutions = [c for c in book.cells if c.cell_type == "code" and "solution" in c.metadata.get("tags", [])]
-        checks = [c for c in book.cells if "check" in c.metadata.get("tags", [])]
-        assert solutions and checks, f"{chapter.name} has no tagged solution or check cells"
-        for cell in solutions:
-            # No statement of a solution survives, except the names a student must define.
-            for node in ast.parse(cell.source).body:
-                body = node.body if isinstance(node, ast.FunctionDef) else [node]
-                for statement in body:
-                    line = ast.unparse(statement)
-                    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
-                        continue  # a docstring stays: it is part of the task
-                    if isinstance(statement, ast.Assign) or len(line) < 25:
-                        continue  # `x = ...` prompts keep the name; short lines may recur elsewhere
-                    assert line not in text, f"{chapter.name}: the student edition shows solution code {line!r}"
-        for cell in checks:
-            assert cell.source in text, f"{chapter.name}: a check cell is missing from the student edition"
-        assert "{solution-start}" not in text and "{solution-end}" not in text
-
-
+# ------------------------------------------------------------------------ fast: no notebook runs
 def test_prompts_keep_signatures_and_docstrings():
     prompt = course._prompt('def f(a, b=2):\n    """Add."""\n    return a + b\n\nx = f(1)\nprint(x)\n')
     assert prompt == 'def f(a, b=2):\n    """Add."""\n    ...  # your code\n\nx = ...  # your code'
@@ -85,6 +74,171 @@ def test_malformed_exercises_are_reported(tmp_path: Path):
         course.master_notebook(path)
 
 
+def _one_exercise(*tail_tags: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    nb.cells = [md("# T"), md("```{exercise} E\n:label: ch0-ex-e\n\nDo it.\n```"),
+                md("```{solution-start} ch0-ex-e\n:class: dropdown\n```"),
+                code("x = 1", metadata={"tags": ["solution"]}), md("```{solution-end}\n```")]
+    nb.cells += [code(f"assert x == 1  # {tag}", metadata={"tags": [tag]}) for tag in tail_tags]
+    return nb
+
+
+def test_hidden_checks_become_hidden_tests_and_leave_the_student_notebook(tmp_path: Path):
+    path = tmp_path / "00_one.ipynb"
+    nbformat.write(_one_exercise("check", "hidden-check"), path)
+    master = course.master_notebook(path)
+    text = "\n".join(c.source for c in master.cells)
+    tests = [c.source for c in master.cells if c.source.lstrip().startswith(("def test_", "# HIDDEN"))]
+    assert len(tests) == 2 and tests[1].startswith("# HIDDEN\n") and not tests[0].startswith("# HIDDEN")
+    # outside the tests block, only the visible check is handed to the student
+    assert text.count("# check") == 2 and text.count("# hidden-check") == 1
+    # and the HTML edition drops the hidden check and the solution
+    kept = "\n".join(c.source for c in course.without_solutions(_one_exercise("check", "hidden-check")).cells)
+    assert "# check" in kept and "hidden-check" not in kept and "x = 1" not in kept and "Do it." in kept
+
+
+@pytest.mark.parametrize("tags, message", [(("hidden-check",), "no visible one"),
+                                           (("check", "hidden-check", "check", "hidden-check"), "must follow")])
+def test_misplaced_hidden_checks_are_refused(tmp_path: Path, tags, message):
+    nb = _one_exercise(*tags[:2])
+    nb.cells += [nbformat.v4.new_code_cell("pass", metadata={"tags": [t]}) for t in tags[2:]]
+    if len(tags) > 2:
+        nb.cells.insert(len(nb.cells) - 2, nbformat.v4.new_markdown_cell("text between"))
+    path = tmp_path / "00_bad.ipynb"
+    nbformat.write(nb, path)
+    with pytest.raises(ValueError, match=message):
+        course.master_notebook(path)
+
+
+def test_every_checked_exercise_hides_its_reference():
+    """A visible check says whether a student is on the right track; the comparison with the
+    answer is the grader's (a hidden check), so that copying a check cell cannot pass it."""
+    for chapter in course.chapters():
+        nb = nbformat.read(chapter, as_version=4)
+        master = course.master_notebook(chapter)  # raises on a misplaced hidden check
+        assert _tagged(nb, "hidden-check"), f"{chapter.name} has no hidden checks"
+        starts = [k for k, cell in enumerate(nb.cells) if course._directive(cell, "exercise")]
+        for start, end in zip(starts, starts[1:] + [len(nb.cells)]):
+            tags = [set(c.metadata.get("tags", [])) for c in nb.cells[start:end]]
+            if any("check" in t for t in tags):
+                assert any("hidden-check" in t for t in tags), (
+                    f"{chapter.name}: exercise {course._label(nb.cells[start])} has visible checks but no hidden one")
+        assert any(c.source.startswith("# HIDDEN") for c in master.cells)
+
+
+def test_grade_says_what_is_missing(tmp_path: Path):
+    (tmp_path / "subs").mkdir()
+    result = make("grade", f"SUBMISSIONS={tmp_path / 'subs'}", f"COURSE={tmp_path / 'no-course'}")
+    assert result.returncode != 0 and "run `make student` first" in result.stderr, result.stderr
+
+
+def test_make_clean_removes_the_build_and_keeps_the_environment(tmp_path: Path):
+    shutil.copy(ROOT / "Makefile", tmp_path / "Makefile")  # not here: it would delete this run's _build
+    (tmp_path / "_build" / "html").mkdir(parents=True)
+    (tmp_path / ".venv").mkdir()
+    result = subprocess.run(["make", "clean"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "_build").exists() and (tmp_path / ".venv").is_dir()
+
+
+# -------------------------------------------------------------------- `make student`, as typed
+@pytest.mark.notebooks
+def test_every_chapter_becomes_an_assignment(edition: Path):
+    chapters = course.chapters()
+    assert chapters, "no chapters found through _toc.yml"
+    for chapter in chapters:
+        for sub, suffix in [("student", ".ipynb"), ("solutions", ".ipynb"), ("autograder", ".zip")]:
+            assert (edition / sub / f"{chapter.stem}{suffix}").exists(), f"{sub} of {chapter.stem} missing"
+        book = nbformat.read(chapter, as_version=4)
+        labels = _exercise_labels(book)
+        assert len(labels) >= 3, f"{chapter.name}: a chapter ends with at least three exercises"
+        student = nbformat.read(edition / "student" / chapter.name, as_version=4)
+        assert student.metadata[course.CHAPTER_KEY] == chapter.stem
+        # Every exercise with a check cell is an autograded question of the same name.
+        assert set(student.metadata["otter"]["tests"]) <= set(labels)
+        # The autograder holds every hidden check, as a hidden test.
+        with zipfile.ZipFile(edition / "autograder" / f"{chapter.stem}.zip") as z:
+            tests = "\n".join(z.read(n).decode() for n in z.namelist() if n.startswith("tests/"))
+        assert tests.count("hidden=True") == len(_tagged(book, "hidden-check")), chapter.name
+
+
+@pytest.mark.notebooks
+def test_student_edition_hides_solutions_and_hidden_checks_and_keeps_checks(edition: Path):
+    for chapter in course.chapters():
+        book = nbformat.read(chapter, as_version=4)
+        student = nbformat.read(edition / "student" / chapter.name, as_version=4)
+        text = "\n".join(c.source for c in student.cells)
+        solutions = _tagged(book, "solution")
+        checks, hidden = _tagged(book, "check"), _tagged(book, "hidden-check")
+        assert solutions and checks, f"{chapter.name} has no tagged solution or check cells"
+        for cell in solutions:
+            # No statement of a solution survives, except the names a student must define.
+            for node in ast.parse(cell.source).body:
+                body = node.body if isinstance(node, ast.FunctionDef) else [node]
+                for statement in body:
+                    line = ast.unparse(statement)
+                    if isinstance(statement, ast.Expr) and isinstance(statement.value, ast.Constant):
+                        continue  # a docstring stays: it is part of the task
+                    if isinstance(statement, ast.Assign) or len(line) < 25:
+                        continue  # `x = ...` prompts keep the name; short lines may recur elsewhere
+                    assert line not in text, f"{chapter.name}: the student edition shows solution code {line!r}"
+        for cell in checks:
+            assert cell.source in text, f"{chapter.name}: a check cell is missing from the student edition"
+        for cell in hidden:
+            assert cell.source not in text, f"{chapter.name}: the student edition shows a hidden check"
+        assert "{solution-start}" not in text and "{solution-end}" not in text
+
+
+def _html_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+@pytest.mark.notebooks
+def test_student_html_has_no_solutions_and_builds_cleanly(edition: Path, book_build):
+    html = edition / "html"
+    log = (edition / "html-build.log").read_text(encoding="utf-8")
+    warnings = [ln for ln in log.splitlines() if "WARNING" in ln or "ERROR" in ln]
+    assert not warnings, "the student HTML build warns:\n" + "\n".join(warnings[:20])
+    for chapter in course.chapters():
+        page = _html_text(html / "book" / f"{chapter.stem}.html")
+        public = _html_text(book_build.html / "book" / f"{chapter.stem}.html")
+        assert "solution" in public and 'class="solution' in public  # the public book keeps them
+        assert 'class="solution' not in page, f"{chapter.stem}: the student HTML shows a solution"
+        assert page.count('class="exercise') == public.count('class="exercise') >= 3
+        book = nbformat.read(chapter, as_version=4)
+        for cell in _tagged(book, "solution") + _tagged(book, "hidden-check"):
+            longest = max(cell.source.splitlines(), key=len).strip()
+            assert len(longest) < 25 or longest not in _html_text(html / "_sources" / "book" / f"{chapter.name}"), \
+                f"{chapter.stem}: the student HTML's download offers {longest!r}"
+        downloaded = nbformat.read(html / "_sources" / "book" / chapter.name, as_version=4)
+        assert downloaded.metadata.get(course.CHAPTER_KEY) == chapter.stem  # the assignment itself
+    assert "(student edition)" in _html_text(html / "book" / "intro.html")
+
+
+@pytest.mark.notebooks
+def test_student_html_renders_make_books_cache_or_executes(smoke: SmokeRuns, tmp_path: Path):
+    """Without EXECUTED, `make student` renders the outputs make book cached, and executes a
+    notebook the cache does not hold."""
+    from jupyter_cache import get_cache
+    from jupyter_cache.base import NbBundleIn
+
+    chapter = book_chapters()[0]
+    assert smoke(chapter).ok
+    cache = get_cache(tmp_path / "cache")
+    cache.cache_notebook_bundle(NbBundleIn(nbformat.read(SmokeRuns.output_path(chapter), 4), str(chapter)),
+                                check_validity=False)
+    cached = course._executed(chapter, None, cache_dir=tmp_path / "cache")
+    outputs = [c.outputs for c in cached.cells if c.cell_type == "code"]
+    assert sum(map(len, outputs)) > 10 and cached.cells[0].source == nbformat.read(chapter, 4).cells[0].source
+
+    tiny = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    tiny.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(tiny, tmp_path / "tiny.ipynb")
+    executed = course._executed(tmp_path / "tiny.ipynb", None, cache_dir=tmp_path / "cache")
+    assert executed.cells[0].outputs[0]["text"].strip() == "42"
+
+
 @pytest.mark.notebooks
 def test_solutions_pass_every_check_and_the_student_edition_fails_them(edition: Path, tmp_path: Path):
     """Runs otter's grader on both editions of every chapter (smoke profile, two at a time)."""
@@ -94,12 +248,71 @@ def test_solutions_pass_every_check_and_the_student_edition_fails_them(edition: 
     untouched = course.grade(tmp_path / "student", edition, profile="smoke", jobs=2)
     assert len(solved) == len(untouched) == len(course.chapters())
     for row in solved:
-        assert row["possible"] >= 1 and row["total"] == row["possible"], f"solutions lose points: {row}"
+        assert row["status"] == "graded" and row["possible"] >= 1 and row["total"] == row["possible"], \
+            f"solutions lose points: {row}"
     for row in untouched:
-        assert row["total"] == 0, f"the untouched student edition scores: {row}"
-    table = tmp_path / "scores.csv"
-    course.write_table(solved + untouched, table)
-    assert table.read_text(encoding="utf-8").count("\n") == 1 + len(solved) + len(untouched)
+        assert row["status"] == "graded" and row["total"] == 0, f"the untouched student edition scores: {row}"
+
+
+def _cell_defining(nb, name: str):
+    return next(c for c in nb.cells if c.cell_type == "code" and f"def {name}(" in c.source)
+
+
+@pytest.mark.notebooks
+def test_make_grade_survives_a_real_class(edition: Path):
+    """One folder as a class hands it in: correct, half-correct, crashing, looping, metadata
+    stripped, not a notebook. Every student gets a row and a reason; none stops the others."""
+    stem = "01_resnets_are_euler"
+    solved = nbformat.read(edition / "solutions" / f"{stem}.ipynb", as_version=4)
+    student = nbformat.read(edition / "student" / f"{stem}.ipynb", as_version=4)
+    labels = list(student.metadata["otter"]["tests"])
+    folder = ROOT / CLASS_REL
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+
+    def write(name: str, nb) -> None:
+        nbformat.write(nb, folder / name)
+
+    write("a_loops.ipynb", _edited(solved, "euler_resnet", "while True:\n    pass\n"))  # first: runs beside the rest
+    write("bob.ipynb", solved)
+    half = _edited(solved, "euler_resnet", _cell_defining(student, "euler_resnet").source)  # one left undone
+    write("carol.ipynb", half)
+    write("dave.ipynb", _edited(solved, "euler_resnet", None, prefix='raise RuntimeError("my bug")\n'))
+    stripped = nbformat.from_dict(dict(solved))
+    stripped.metadata = {}
+    write("erin.ipynb", stripped)
+    (folder / "frank.ipynb").write_text("{ not a notebook", encoding="utf-8")
+
+    result = make("grade", f"SUBMISSIONS={CLASS_REL}", f"COURSE={edition}", "TIMEOUT=150", "JOBS=2")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(folder / "scores.csv", encoding="utf-8") as f:
+        rows = {r["submission"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["a_loops.ipynb", "bob.ipynb", "carol.ipynb", "dave.ipynb", "erin.ipynb", "frank.ipynb"]
+    assert all(r["reason"] for r in rows.values()), rows
+    possible = float(len(labels))
+    euler = "ch1-ex-euler-resnet"
+    assert euler in labels
+
+    def total(name):
+        return float(rows[name]["total"])
+
+    assert rows["bob.ipynb"]["status"] == "graded" and total("bob.ipynb") == possible
+    assert rows["erin.ipynb"]["status"] == "graded" and total("erin.ipynb") == possible
+    assert "metadata" in rows["erin.ipynb"]["reason"]
+    for name in ("carol.ipynb", "dave.ipynb"):
+        assert rows[name]["status"] == "graded" and 0 < total(name) < possible, rows[name]
+        assert float(rows[name][euler]) < 1 and euler in rows[name]["reason"], rows[name]
+    assert rows["a_loops.ipynb"]["status"] == "timeout" and total("a_loops.ipynb") == 0
+    assert float(rows["a_loops.ipynb"]["possible"]) == possible
+    assert rows["frank.ipynb"]["status"] == "unreadable" and total("frank.ipynb") == 0
+
+
+def _edited(nb, name: str, source: str | None, prefix: str = ""):
+    """A copy of ``nb`` whose cell defining ``name`` reads ``source`` (or its own, after ``prefix``)."""
+    nb = nbformat.from_dict(nbformat.reads(nbformat.writes(nb), as_version=4))
+    cell = _cell_defining(nb, name)
+    cell.source = prefix + (cell.source if source is None else source)
+    return nb
 
 
 def test_instructor_page_lists_every_exercise_and_chapter():

@@ -122,13 +122,19 @@ def test_helpers_are_no_ops_in_one_process():
     assert not node.distributed.init_from_environment()  # no torchrun environment here
 
 
-def test_train_command_in_one_process(tmp_path, capsys):
-    from neuralode import train
+def test_train_command_in_one_process(tmp_path):
+    """`python -m neuralode.train odenet --profile smoke`, as the README has a reader type it."""
+    import json
+    import subprocess
+    import sys
 
-    summary = train.main(["odenet", "--profile", "smoke", "--epochs", "1", "--out", str(tmp_path / "s.json")])
+    result = subprocess.run([sys.executable, "-m", "neuralode.train", "odenet", "--profile", "smoke", "--epochs", "1",
+                             "--out", "s.json"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["ranks"] == 1 and summary["epochs"] == 1 and 0 <= summary["test_accuracy"] <= 1
     assert all(len(r) == 1 for r in summary["batch_rank_nfe"]) and summary["batch_rank_nfe"][0][0] > 0
-    assert (tmp_path / "s.json").exists() and "test accuracy" in capsys.readouterr().out
+    assert "test accuracy" in result.stdout
 
 
 def _free_port() -> int:
@@ -140,13 +146,16 @@ def _free_port() -> int:
 
 
 def test_train_command_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 -m neuralode.train odenet ...`: the README's command with the
+    `torchrun` that torch installs (a free port on 127.0.0.1, so parallel test runs cannot collide)."""
     import json
     import subprocess
     import sys
+    from pathlib import Path
 
     out = tmp_path / "summary.json"
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master-addr=127.0.0.1",
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node=2", "--master-addr=127.0.0.1",
          f"--master-port={_free_port()}", "-m", "neuralode.train", "odenet", "--profile", "smoke",
          "--epochs", "1", "--batch-size", "16", "--adjoint", "--out", str(out)],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
