@@ -63,6 +63,10 @@ def test_prompts_keep_signatures_and_docstrings():
     prompt = course._prompt('def f(a, b=2):\n    """Add."""\n    return a + b\n\nx = f(1)\nprint(x)\n')
     assert prompt == 'def f(a, b=2):\n    """Add."""\n    ...  # your code\n\nx = ...  # your code'
     compile(prompt, "prompt", "exec")
+    # a tuple target becomes one runnable line per name; names inside blocks are prompted; helpers are not
+    prompt = course._prompt("a, (b, _c) = 1, (2, 3)\nwith ctx():\n    _u = 1\n    d = _u + 1\nfor i in x:\n    e = i\n")
+    assert prompt == "a = ...  # your code\n\nb = ...  # your code\n\nd = ...  # your code\n\ne = ...  # your code"
+    exec(compile(prompt, "prompt", "exec"), {})
 
 
 def test_malformed_exercises_are_reported(tmp_path: Path):

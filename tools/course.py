@@ -85,22 +85,43 @@ def _label(exercise_cell) -> str:
 
 
 def _prompt(source: str) -> str:
-    """What a student sees instead of a solution cell: its top-level names with ``...`` for values.
+    """What a student sees instead of a solution cell: the names it defines, with ``...`` for values.
 
     ``def f(a, b): <body>`` becomes ``def f(a, b):`` with its docstring and ``...``; ``x = <expr>``
-    becomes ``x = ...``; other statements are dropped.
+    becomes ``x = ...``, and ``a, b = <expr>`` one such line per name, so that the prompt runs. The
+    names a solution defines inside ``with``, ``if``, ``for`` or ``try`` blocks are prompted too;
+    names starting with an underscore are the solution's helpers and are left out, as are all
+    other statements.
     """
-    lines = []
-    for node in ast.parse(source).body:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            stub = ast.FunctionDef(name=node.name, args=node.args, body=[], decorator_list=node.decorator_list,
-                                   returns=node.returns, type_params=[])
-            doc = ast.get_docstring(node, clean=False)
-            stub.body = ([ast.Expr(ast.Constant(doc))] if doc else []) + [ast.Expr(ast.Constant(...))]
-            lines.append(ast.unparse(ast.fix_missing_locations(stub)).replace("\n    ...", "\n    ...  # your code"))
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            lines.append(" = ".join(ast.unparse(t) for t in targets) + " = ...  # your code")
+    lines, seen = [], set()
+
+    def names(target) -> list[str]:
+        if isinstance(target, (ast.Tuple, ast.List)):
+            return [n for element in target.elts for n in names(element)]
+        return [target.id] if isinstance(target, ast.Name) else []
+
+    def visit(body) -> None:
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in seen:
+                seen.add(node.name)
+                stub = ast.FunctionDef(name=node.name, args=node.args, body=[], decorator_list=node.decorator_list,
+                                       returns=node.returns, type_params=[])
+                doc = ast.get_docstring(node, clean=False)
+                stub.body = ([ast.Expr(ast.Constant(doc))] if doc else []) + [ast.Expr(ast.Constant(...))]
+                lines.append(ast.unparse(ast.fix_missing_locations(stub)).replace("\n    ...", "\n    ...  # your code"))
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                for name in [n for t in targets for n in names(t)]:
+                    if not name.startswith("_") and name not in seen:
+                        seen.add(name)
+                        lines.append(f"{name} = ...  # your code")
+            else:  # the blocks a solution may wrap its answer in (no_grad, a loop, a guard)
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []))
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body)
+
+    visit(ast.parse(source).body)
     return "\n\n".join(lines) if lines else "# your code"
 
 
