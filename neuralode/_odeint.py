@@ -74,39 +74,55 @@ def _check_times(t) -> list:
     return times
 
 
-def _check_options(method: str, options: Optional[dict]) -> dict:
+def _check_options(method: str, options: Optional[dict], prefix: str = "") -> dict:
     tableau = TABLEAUS[method]
     if isinstance(tableau, RosenbrockTableau):
         defaults = ROSENBROCK_OPTIONS
     else:
         defaults = _rk.ADAPTIVE_OPTIONS if tableau.adaptive else _rk.FIXED_OPTIONS
+    name = prefix + "options"
     options = {} if options is None else options
     if not isinstance(options, dict):
-        raise TypeError(f"odeint: options must be a dict, got {type(options).__name__}.")
+        raise TypeError(f"odeint: {name} must be a dict, got {type(options).__name__}.")
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise ValueError(f"odeint: unknown option(s) {unknown} for method {method!r}; "
+        raise ValueError(f"odeint: unknown option(s) {unknown} in {name} for method {method!r}; "
                          f"valid options are {sorted(defaults)}.")
     merged = {**defaults, **options}
     if "controller" in merged and merged["controller"] not in _rk.CONTROLLERS:
-        raise ValueError(f"odeint: options['controller'] must be one of {_rk.CONTROLLERS}, "
+        raise ValueError(f"odeint: {name}['controller'] must be one of {_rk.CONTROLLERS}, "
                          f"got {merged['controller']!r}.")
     if "jacobian" in merged and merged["jacobian"] not in JACOBIANS:
-        raise ValueError(f"odeint: options['jacobian'] must be one of {JACOBIANS} (\"batched\" only for a "
+        raise ValueError(f"odeint: {name}['jacobian'] must be one of {JACOBIANS} (\"batched\" only for a "
                          f"(B, D) state whose rows evolve independently), got {merged['jacobian']!r}.")
+    # Each bound keeps the step-size controller from spinning to max_num_steps: h must be able to
+    # grow (ifactor >= 1) and shrink after a rejection (dfactor < 1), and some h must be allowed.
+    bounds = {
+        "step_size": (lambda v: v > 0, "must be positive"),
+        "first_step": (lambda v: v > 0, "must be positive"),
+        "max_step": (lambda v: v > 0, "must be positive"),
+        "max_num_steps": (lambda v: v > 0, "must be positive"),
+        "min_step": (lambda v: 0 <= v < math.inf, "must be finite and >= 0"),
+        "safety": (lambda v: 0 < v <= 1, "must lie in (0, 1]: it scales every proposed step down (default 0.9)"),
+        "ifactor": (lambda v: v >= 1, "must be >= 1: it is the largest growth of h in one step (default 10); "
+                                      "below 1 the step could never grow"),
+        "dfactor": (lambda v: 0 < v < 1, "must lie in (0, 1): it is the largest shrink of h in one step "
+                                         "(default 0.2); at 1 a rejected step is retried with the same h forever"),
+    }
     for key, value in merged.items():
         if value is None or key in ("controller", "jacobian"):
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
-            raise TypeError(f"odeint: options[{key!r}] must be a real number, got {value!r}.")
-        if key in ("step_size", "first_step", "max_step", "max_num_steps", "safety", "ifactor") and value <= 0:
-            raise ValueError(f"odeint: options[{key!r}] must be positive, got {value!r}.")
-        if key == "min_step" and value < 0:
-            raise ValueError(f"odeint: options['min_step'] must be >= 0, got {value!r}.")
-        if key == "dfactor" and not 0 < value <= 1:
-            raise ValueError(f"odeint: options['dfactor'] must lie in (0, 1], got {value!r}.")
+            raise TypeError(f"odeint: {name}[{key!r}] must be a real number, got {value!r}.")
+        check, rule = bounds[key]
+        if not check(value):
+            raise ValueError(f"odeint: {name}[{key!r}] {rule}, got {value!r}.")
     if merged.get("step_size") is not None and not math.isfinite(merged["step_size"]):
-        raise ValueError("odeint: options['step_size'] must be finite.")
+        raise ValueError(f"odeint: {name}['step_size'] must be finite.")
+    for key in ("max_step", "first_step"):
+        if merged.get(key) is not None and merged[key] < merged.get("min_step", 0.0):
+            raise ValueError(f"odeint: {name}[{key!r}]={merged[key]!r} must be >= {name}['min_step']="
+                             f"{merged['min_step']!r}; lower min_step or raise {key}.")
     return merged
 
 
@@ -137,7 +153,13 @@ def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     atol = _check_tolerance(prefix + "atol", atol)
     if tableau.adaptive and rtol == 0 and atol == 0:
         raise ValueError(f"odeint: {prefix}rtol and {prefix}atol cannot both be 0 for an adaptive method.")
-    return _Solver(tableau, rtol, atol, _check_options(method, options))
+    if tableau.adaptive and atol == 0:
+        # A component that is 0 (common: zero-initialised augmented states, the adjoint's a_theta)
+        # has error scale atol + rtol*|y| = 0; the error ratio is NaN and every step is rejected.
+        raise ValueError(f"odeint: {prefix}atol must be > 0 for an adaptive method: a state component that "
+                         f"is 0 has error scale {prefix}atol + {prefix}rtol*|y| = 0, so no step could be accepted. "
+                         f"Give a small absolute tolerance, e.g. {prefix}atol=1e-9 (1e-6 in float32).")
+    return _Solver(tableau, rtol, atol, _check_options(method, options, prefix))
 
 
 def odeint(
@@ -155,7 +177,25 @@ def odeint(
 
     The solution is :math:`y(t_i) = y_0 + \int_{t_0}^{t_i} f(s, y(s))\, ds`, reported at every
     time in ``t``; the call mirrors torchdiffeq's ``odeint`` so code moves between the two.
-    Gradients flow through the solver's operations (backpropagation through the solver).
+
+    Gradients flow through the solver's operations (backpropagation through the solver) to ``y0``
+    and the tensors ``func`` uses; second derivatives (``create_graph=True``) work through the
+    explicit methods and raise a ``RuntimeError`` through ``"rodas4"``. When ``t`` requires grad,
+    ``t.grad`` is the exact solution's time derivative, evaluated on the computed solution: with
+    :math:`g_i = \partial L/\partial y(t_i)`,
+
+    .. math::
+
+        \frac{dL}{dt_i} = g_i \cdot f(t_i, y_i) \;(i \ge 1), \qquad
+        \frac{dL}{dt_0} = -a(t_0) \cdot f(t_0, y_0),
+
+    where :math:`a(t_0)` is the gradient reaching ``y0`` through the solve (not :math:`g_0`:
+    ``ys[0]`` is ``y0`` whatever :math:`t_0`). It costs ``T`` more evaluations of ``func``, agrees
+    with torchdiffeq and :func:`~neuralode.odeint_adjoint` for adaptive methods, and, for a
+    fixed-step solve, differs from the derivative of the discrete map (whose grid moves with ``t``)
+    by the method's error, like the solution itself. A second derivative that reaches ``t`` raises
+    (the solve's backward takes the times as constants); those reaching only ``y0`` and the
+    parameters still work.
 
     Args:
         func: the dynamics, ``func(t, y)``; ``t`` is a 0-d tensor with ``y``'s dtype and device,
@@ -172,12 +212,14 @@ def odeint(
             stiffly accurate: each step factorises ``W = I - h/4 J`` with the exact Jacobian
             ``J = df/dy`` from autograd, so its steps are not limited by stability).
         rtol, atol: relative and absolute tolerances of the adaptive methods: a step is accepted
-            when the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1.
+            when ``y_{n+1}`` is finite and the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))``
+            is at most 1. ``atol`` must be positive (a zero component would have scale 0).
         options: fixed-step methods: ``step_size`` (default: step exactly between the times in
             ``t``; outputs inside a step come from cubic Hermite interpolation). Adaptive
             methods: ``first_step`` (default: Hairer's automatic choice), ``max_step``,
-            ``min_step``, ``max_num_steps`` (default 10 000), ``safety`` (0.9), ``ifactor``
-            (10), ``dfactor`` (0.2), ``controller`` (``"i"``, the classical controller, or
+            ``min_step`` (``min_step <= first_step, max_step``), ``max_num_steps`` (default
+            10 000), ``safety`` (0.9, in (0, 1]), ``ifactor`` (10, at least 1), ``dfactor`` (0.2,
+            in (0, 1)), ``controller`` (``"i"``, the classical controller, or
             ``"pi"``, proportional-integral control, which smooths the step sizes).
             ``"rodas4"`` takes the adaptive options and ``jacobian``: ``"full"`` (default, the
             ``N x N`` Jacobian of the whole state) or ``"batched"`` (a state of shape ``(B, D)``
@@ -195,15 +237,71 @@ def odeint(
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument and the fix.
         RuntimeError: when the step size underflows or ``max_num_steps`` is exhausted, or (for
-            ``"rodas4"``) when ``W`` stays singular after halving the step five times.
-        FloatingPointError: when the solution becomes NaN or inf.
+            ``"rodas4"``) when ``W`` stays singular after halving the step five times, or under
+            ``torch.inference_mode()`` when ``func`` uses inference tensors (``rodas4`` needs
+            autograd for its Jacobian: use ``torch.no_grad()``); when a gradient that cannot be
+            differentiated twice is (see above).
+        FloatingPointError: when the solution becomes NaN or inf (a step whose new state is not
+            finite is never accepted; the error names the time).
     """
     setup = _Setup(func, y0, t, method, rtol, atol, options)
     stats = SolverStats()
-    ys = _rk.solve(setup.dynamics(stats), setup.y_start, setup.times, setup.tableau, rtol=setup.rtol,
-                   atol=setup.atol, norm=setup.norm, options=setup.options, stats=stats, shape=setup.shape)
+    dynamics = setup.dynamics(stats)
+    y_start = setup.y_start
+    time_grad = isinstance(t, Tensor) and t.requires_grad and torch.is_grad_enabled()
+    if time_grad:
+        # Moving t_0 slides the start along the trajectory: y(t_i; t_0, y0) = y(t_i; t_0 + e,
+        # y0 + e f(t_0, y0)) to first order, so dy(t_i)/dt_0 = -dy(t_i)/dy0 f(t_0, y0). Starting the
+        # engine from y0 with dy0/dt_0 = -f(t_0, y0) lets backprop form -a(t_0) . f(t_0, y0).
+        with torch.no_grad():
+            f0 = dynamics(setup.times[0], y_start)
+        y_start = _TimeShift.apply(y_start, t[0], -f0)
+    ys = _rk.solve(dynamics, y_start, setup.times, setup.tableau, rtol=setup.rtol, atol=setup.atol,
+                   norm=setup.norm, options=setup.options, stats=stats, shape=setup.shape)
+    if time_grad:
+        # y(t_i) moves along f as t_i moves: dy(t_i)/dt_i = f(t_i, y_i) for i >= 1; ys[0] is y0
+        # itself, whatever t_0 (its gradient must not reach t_0).
+        with torch.no_grad():
+            slopes = torch.stack([torch.zeros_like(f0)] + [dynamics(s, y) for s, y in zip(setup.times[1:], ys[1:])])
+        ys = _TimeShift.apply(torch.stack([setup.y_start] + list(ys[1:])), t, slopes)
     result = setup.stack(ys)
     return (result, stats) if return_stats else result
+
+
+_TIME_TWICE = (
+    "odeint: the time gradient (t.requires_grad) cannot be differentiated twice (create_graph=True: gradient "
+    "penalties, Hessian-vector products, gradgradcheck): it is g . f(t, y) with f taken as a constant. For "
+    "higher-order gradients with respect to y0 and the parameters, pass a t that does not require grad.")
+
+
+class _TimeShift(torch.autograd.Function):
+    r"""``y`` unchanged, with the derivative ``dy/dt = v`` (``v`` a fixed tensor): the gradient
+    ``g`` of ``y`` reaches ``t`` as :math:`g \cdot v`. Shapes: ``t`` is ``()`` and ``y``, ``v`` any
+    shape; or ``t`` is ``(T,)`` and ``y``, ``v`` are ``(T, ...)``, one dot product per row."""
+
+    @staticmethod
+    def forward(ctx, y, t, v):
+        ctx.save_for_backward(v, t)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g):
+        v, t = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            with torch.no_grad():
+                rows = (g * v).reshape(t.numel(), -1).sum(1)
+                grad_t = rows.reshape(t.shape).to(dtype=t.dtype, device=t.device)
+            # v is a constant here, so d(grad_t)/d(y, theta, t) would miss terms: refuse it.
+            (grad_t,) = _rk.refuse_double_backward(_TIME_TWICE, grad_t)
+            if torch.is_grad_enabled():
+                # create_graph=True. The solve's own backward took the times as constants, so a
+                # second derivative reaching t would miss terms too. Tie g to t through a node
+                # that raises: autograd runs it only when a second backward asks for t's gradient,
+                # so second derivatives with respect to y0 and the parameters stay available.
+                (tie,) = _rk._Refuse.apply(_TIME_TWICE, t)
+                g = g + 0 * tie.sum()
+        return g, grad_t, None
 
 
 class _Setup:
@@ -282,9 +380,10 @@ class _Setup:
 
         return f
 
-    def stack(self, ys: Sequence[Tensor]):
-        """Engine outputs (one per time) to the user's layout: ``(T, *S)`` or a tuple of such."""
-        stacked = torch.stack(list(ys))
+    def stack(self, ys: Union[Tensor, Sequence[Tensor]]):
+        """Engine outputs (a list, one per time, or already stacked) to the user's layout:
+        ``(T, *S)`` or a tuple of such."""
+        stacked = ys if isinstance(ys, Tensor) else torch.stack(list(ys))
         if not self.flat:
             return stacked
         parts = tuple(chunk.reshape(len(ys), *shape)

@@ -4,7 +4,7 @@ Every method is a :class:`~neuralode._tableaus.ButcherTableau`; this module turn
 steps. It works on a single tensor state ``y`` (the front door flattens tuple states) and on a
 time kept as a Python float (float64), whatever the state's dtype: step-size control happens on
 the host, and the only host-device synchronisation per step is reading the scalar error ratio
-that decides accept or reject.
+that decides accept or reject (together with a flag saying whether the new state is finite).
 
 References: Hairer, Norsett & Wanner, *Solving Ordinary Differential Equations I* (2nd ed.,
 1993), section II.4 (error norm, automatic first step, step-size controller) and II.6 (dense
@@ -24,7 +24,8 @@ from torch import Tensor
 
 from ._tableaus import ButcherTableau
 
-__all__ = ["SolverStats", "solve", "rms_norm", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS"]
+__all__ = ["SolverStats", "solve", "rms_norm", "once_differentiable", "refuse_double_backward", "FIXED_OPTIONS",
+           "ADAPTIVE_OPTIONS", "CONTROLLERS"]
 
 # ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
 Dynamics = Callable[[float, Tensor], Tensor]
@@ -46,6 +47,8 @@ ADAPTIVE_OPTIONS = {
 CONTROLLERS = ("i", "pi")
 
 _EPS = sys.float_info.epsilon
+# Every trial step since the last accepted one was NaN or inf and h has shrunk this much: give up.
+_NONFINITE_SHRINK = 1e-30
 
 
 @dataclass
@@ -76,6 +79,55 @@ class SolverStats:
 def rms_norm(x: Tensor) -> Tensor:
     """Root-mean-square of all entries: ``sqrt(mean(x**2))`` (HNW II.4, eq. 4.11)."""
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+class _Refuse(torch.autograd.Function):
+    """Identity on gradients that are constants to autograd; differentiating them raises."""
+
+    @staticmethod
+    def forward(ctx, message: str, *grads):
+        ctx.message = message
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(ctx.message)
+
+
+def refuse_double_backward(message: str, *grads: Tensor) -> tuple:
+    """``grads`` (computed without a graph), marked so that differentiating them raises
+    ``RuntimeError(message)``; unchanged outside ``create_graph=True``."""
+    if not torch.is_grad_enabled() or not grads:
+        return grads
+    return _Refuse.apply(message, *(g.detach().requires_grad_(True) for g in grads))
+
+
+def once_differentiable(message: str):
+    """Decorate a custom Function's ``backward`` that builds no graph (it runs under ``no_grad``).
+
+    Under ``create_graph=True`` (gradient penalties, Hessian-vector products, gradgradcheck) its
+    gradients would be constants, and a second derivative through them silently wrong. Every
+    gradient it returns is then routed through a node whose backward raises ``RuntimeError(message)``.
+    Unlike ``torch.autograd.function.once_differentiable``, which does so only when an incoming
+    gradient requires grad, this refuses whenever the graph is being built: ``d(sum ys)/d theta``
+    comes in as a constant yet depends on ``theta``.
+    """
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            where = [i for i, g in enumerate(out) if isinstance(g, Tensor)]
+            marked = refuse_double_backward(message, *(out[i] for i in where))
+            out = list(out)
+            for i, g in zip(where, marked):
+                out[i] = g
+            return tuple(out)
+
+        return wrapper
+
+    return decorate
 
 
 def _combine(y: Optional[Tensor], h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
@@ -239,6 +291,9 @@ class _StepControl:
         self.t_end, self.stats = t_out[-1], stats
         self.direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
         self.last_rejected = self.nonfinite = False
+        # The product of the shrink factors over the current run of non-finite trial steps, and
+        # the number of non-finite trial steps in the solve.
+        self.nonfinite_shrink, self.n_nonfinite = 1.0, 0
 
     def first_step(self, func, t0: float, y0: Tensor, f0: Tensor, order: int, rtol, atol, norm: Norm) -> float:
         """Check that the start is finite; the first step size: ``options["first_step"]`` or
@@ -254,10 +309,14 @@ class _StepControl:
         of the interval and the underflow checks (each failure raises, naming ``t`` and ``h``)."""
         stats, t_end = self.stats, self.t_end
         if stats.n_accepted + stats.n_rejected >= self.max_num_steps:
+            # Creeping up to an overflow (the step shrinks each time it overshoots into inf) also
+            # ends here; say so rather than suggest stiffness.
+            cause = (f"{self.n_nonfinite} trial steps produced NaN or inf: the solution may blow up, or "
+                     "overflow the state's dtype, near this time. Otherwise the" if self.n_nonfinite else "The")
             raise RuntimeError(
                 f"odeint: max_num_steps={self.max_num_steps} reached at t={t:.6g} (integrating to "
                 f"{t_end:.6g}; {stats.n_accepted} accepted, {stats.n_rejected} rejected steps, last "
-                f"h={h:.3g}). The problem may be stiff or the tolerances too tight: loosen rtol/atol, "
+                f"h={h:.3g}). {cause} problem may be stiff or the tolerances too tight: loosen rtol/atol, "
                 "or raise the limit with options={'max_num_steps': ...}."
             )
         h = min(h, self.max_step, abs(t_end - t))
@@ -265,11 +324,15 @@ class _StepControl:
         if abs(t_end - t) - h < 1e-3 * h:
             h = abs(t_end - t)
         t1 = t_end if h == abs(t_end - t) else t + self.direction * h
-        if h < self.min_step or h <= 4 * _EPS * max(abs(t), abs(t1)):
+        # The last test catches the run of non-finite trials the relative test misses at t = 0
+        # (there h <= 4 eps max(|t|, |t1|) = 4 eps h never holds, and h would shrink to 0).
+        if (h < self.min_step or h <= 4 * _EPS * max(abs(t), abs(t1))
+                or self.nonfinite_shrink < _NONFINITE_SHRINK):
             if self.nonfinite:
                 raise FloatingPointError(
                     f"odeint: step size underflow at t={t:.6g} (h={h:.3g}): every trial step produced "
-                    "NaN or inf. The solution blows up or the dynamics return non-finite values there."
+                    "NaN or inf. The solution blows up or overflows the state's dtype there, or the dynamics "
+                    "return non-finite values there."
                 )
             raise RuntimeError(
                 f"odeint: step size underflow at t={t:.6g} (h={h:.3g}, min_step={self.min_step:.3g}). "
@@ -291,6 +354,7 @@ class _StepControl:
         if self.last_rejected:
             factor = min(factor, 1.0)
         self.last_rejected = self.nonfinite = False
+        self.nonfinite_shrink = 1.0
         return factor
 
     def reject(self, ratio: float) -> float:
@@ -299,16 +363,37 @@ class _StepControl:
         self.nonfinite = not math.isfinite(ratio)
         self.last_rejected = True
         if self.nonfinite:  # the trial step overflowed: shrink hard and try again
+            self.nonfinite_shrink *= self.dfactor
+            self.n_nonfinite += 1
             return self.dfactor
+        self.nonfinite_shrink = 1.0
         return min(1.0, max(self.dfactor, self.safety * ratio**-self.exponent))
 
 
 def _error_ratio(err: Tensor, y: Tensor, y1: Tensor, rtol: float, atol: float, norm: Norm) -> float:
-    """``norm(err / (atol + rtol * max(|y|, |y1|)))``: a step is accepted when it is at most 1. The
-    one host-device synchronisation per adaptive step."""
+    """``norm(err / (atol + rtol * max(|y|, |y1|)))``: a step is accepted when it is at most 1; NaN
+    (a rejection) when ``y1`` is not finite.
+
+    The finiteness test is needed because an overflowed ``y1`` can come with a finite ``err`` (a
+    constant field has ``err = 0``): its scale is inf, the ratio 0, and the step would be accepted.
+    Both numbers are read in one ``.tolist()``: the one host-device synchronisation per step.
+    """
     with torch.no_grad():  # step-size control needs no gradients
-        scale = atol + rtol * torch.maximum(y.detach().abs(), y1.detach().abs())
-        return float(norm(err.detach() / scale))
+        y1 = y1.detach()
+        scale = atol + rtol * torch.maximum(y.detach().abs(), y1.abs())
+        ratio, nonfinite = torch.stack([norm(err.detach() / scale),
+                                        (~torch.isfinite(y1)).any().to(scale.dtype)]).tolist()
+    return math.nan if nonfinite else ratio
+
+
+def _check_outputs(outputs: Sequence[Tensor], t_out: Sequence[float]) -> None:
+    """Raise if an output is not finite (accepted steps are, but dense output may overflow); one
+    synchronisation per solve."""
+    with torch.no_grad():
+        finite = torch.stack([torch.isfinite(o).all() for o in outputs])
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            _check_finite(outputs[bad], "solution", t_out[bad])
 
 
 def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, options, stats) -> List[Tensor]:
@@ -344,6 +429,7 @@ def _solve_adaptive(func, y0, t_out, method: _Method, rtol, atol, norm: Norm, op
         else:
             factor = control.reject(ratio)
         h = h * factor
+    _check_outputs(outputs, t_out)
     return outputs
 
 

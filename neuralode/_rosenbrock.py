@@ -61,7 +61,10 @@ gets :math:`f_t` from one double-vjp (a Jacobian-vector product in the time dire
 computed with ``create_graph=True``, so the gradient of the solution is the exact derivative of
 the computation performed, including the Jacobian's dependence on the state and the parameters.
 No detached-Jacobian (W-method) approximation is made. Outside grad mode everything is computed
-without a graph.
+without a graph; the Jacobian itself still comes from autograd, under ``torch.no_grad()`` and
+under ``torch.inference_mode()`` alike (there, ``func`` must not use inference tensors: it raises,
+pointing to ``no_grad``). First derivatives only: differentiating the gradients again
+(``create_graph=True``) raises.
 
 **Dense output** between steps depends on the regime of the step, judged by
 :math:`h \lVert J \rVert_\infty`:
@@ -99,6 +102,7 @@ genuinely stiff problems use ``checkpoints=K``, which re-solves segments forward
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -286,13 +290,26 @@ class _Jacobian:
         self.stats.n_jac += 1
         # Differentiate through J only when autograd records and something upstream needs it.
         create = torch.is_grad_enabled() and (self.outer or y.requires_grad)
-        with torch.enable_grad():
+        # Under inference_mode autograd records nothing, enable_grad or not: f would look constant
+        # and J = 0, silently costing the method its stability. Leave inference mode for this
+        # evaluation, on a normal copy of y (an inference tensor cannot enter a recorded graph).
+        inference = torch.is_inference_mode_enabled()
+        with torch.inference_mode(False) if inference else contextlib.nullcontext(), torch.enable_grad():
             # Always a fresh leaf: autograd.grad walks every node reachable from its outputs, so
             # differentiating at y itself would walk the whole solve's graph at every step
             # (quadratic cost). _Reattach connects the results to y's history afterwards.
-            y_in = y.detach().requires_grad_(True)
+            y_in = (y.clone() if inference else y.detach()).requires_grad_(True)
             t_in = torch.full((), t, dtype=y.dtype, device=y.device, requires_grad=True)
-            f = self.func(t_in, y_in)
+            try:
+                f = self.func(t_in, y_in)
+            except RuntimeError as exc:
+                if inference and "Inference tensors" in str(exc):
+                    raise RuntimeError(
+                        "odeint: method 'rodas4' takes the Jacobian df/dy from autograd, but func uses tensors "
+                        "created under torch.inference_mode(), which autograd cannot differentiate through. "
+                        "Solve under torch.no_grad() instead, or create those tensors outside inference mode."
+                    ) from exc
+                raise
             if not f.requires_grad:  # f depends on neither y nor t
                 return f, self._zeros(y), None
             if self.mode == "full":
@@ -344,6 +361,11 @@ class _Reattach(torch.autograd.Function):
         return tuple(o.view_as(o) for o in outs)
 
     @staticmethod
+    @_rk.once_differentiable(
+        "odeint: gradients through method 'rodas4' cannot be differentiated twice (create_graph=True: "
+        "gradient penalties, Hessian-vector products, gradgradcheck): the Jacobian's share of the state's "
+        "gradient is computed without a graph, so a second derivative would miss terms. Use an explicit "
+        "method such as 'dopri5' for higher-order gradients.")
     def backward(ctx, *grads):
         pairs = [(o, g) for o, g in zip(ctx.outs, grads) if g is not None and o.requires_grad]
         grad_y = None
@@ -497,4 +519,5 @@ def solve(func, y0: Tensor, t_out: Sequence[float], tab: RosenbrockTableau, *, r
         else:
             factor = control.reject(ratio)
         h = h * factor
+    _rk._check_outputs(outputs, t_out)
     return outputs

@@ -107,6 +107,8 @@ def odeint_adjoint(
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument and the fix.
+        RuntimeError: also when the gradients are differentiated again (``create_graph=True``):
+            the backward pass builds no graph, so higher-order gradients need :func:`neuralode.odeint`.
     """
     setup = _Setup(func, y0, t, method, rtol, atol, options, flat=True)
     params = _adjoint_params(func, adjoint_params)
@@ -122,7 +124,7 @@ def odeint_adjoint(
     t_tensor = t if isinstance(t, Tensor) else torch.tensor(setup.times, dtype=torch.float64)
     stats = AdjointStats()
     ys = _Adjoint.apply(setup, back, bool(seminorm), checkpoints, stats, setup.y_start, t_tensor, *params)
-    result = setup.stack(list(ys))
+    result = setup.stack(ys)
     return (result, stats) if return_stats else result
 
 
@@ -195,6 +197,11 @@ class _Adjoint(torch.autograd.Function):
         return ys
 
     @staticmethod
+    @_rk.once_differentiable(
+        "odeint_adjoint: its gradients cannot be differentiated twice (create_graph=True: gradient "
+        "penalties, Hessian-vector products, gradgradcheck): the backward pass solves the adjoint ODE "
+        "without recording a graph. Use odeint (backpropagation through the solver) with an explicit "
+        "method for higher-order gradients.")
     def backward(ctx, grad_ys):
         setup, back, stats = ctx.setup, ctx.back, ctx.stats
         ys, *rest = ctx.saved_tensors
