@@ -63,12 +63,18 @@ def divergence_hutchinson(f_out: Tensor, z: Tensor, noise: Tensor) -> Tensor:
 
 
 def sample_noise(like: Tensor, kind: str = "rademacher", generator: Optional[torch.Generator] = None) -> Tensor:
-    """Noise for Hutchinson's estimator, shaped like ``like``: Rademacher (+-1) or standard Gaussian."""
+    """Noise for Hutchinson's estimator, shaped like ``like``: Rademacher (+-1) or standard Gaussian.
+
+    With a ``generator`` the noise is drawn on the generator's device and then moved to ``like``'s,
+    so a CPU generator (what :func:`neuralode.seed_everything` returns) serves a CUDA model too
+    and gives the same numbers on every device.
+    """
+    device = generator.device if generator is not None else like.device
     if kind == "rademacher":
-        bits = torch.randint(0, 2, like.shape, generator=generator, device=like.device)
-        return (2 * bits - 1).to(like.dtype)
+        bits = torch.randint(0, 2, like.shape, generator=generator, device=device)
+        return (2 * bits - 1).to(like.dtype).to(like.device)
     if kind == "gaussian":
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
+        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
     raise ValueError(f"sample_noise: unknown noise {kind!r}; choose one of {', '.join(NOISES)}.")
 
 
@@ -78,12 +84,16 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 class _Augmented(nn.Module):
-    """``(z, s) -> (f(t, z), tr df/dz)``: the CNF's state with its accumulated trace."""
+    """``(z, s) -> (f(t, z), tr df/dz)``: the CNF's state with its accumulated trace.
 
-    def __init__(self, dynamics: nn.Module, trace: str):
+    ``noise`` (``(B, D)``, Hutchinson's trace only) belongs to one solve: :meth:`CNF._solve` builds
+    a fresh ``_Augmented`` around the shared ``dynamics`` for every solve, and the adjoint keeps
+    that object for its backward pass.
+    """
+
+    def __init__(self, dynamics: nn.Module, trace: str, noise: Optional[Tensor] = None):
         super().__init__()
-        self.dynamics, self.trace = dynamics, trace
-        self.noise: Optional[Tensor] = None
+        self.dynamics, self.trace, self.noise = dynamics, trace, noise
 
     def forward(self, t: Tensor, state):
         z = state[0]
@@ -105,38 +115,52 @@ class CNF(nn.Module):
         t0, t1: the base distribution lives at ``t0``, the data at ``t1``.
         trace: ``"exact"`` (D VJPs per evaluation) or ``"hutchinson"`` (one VJP, stochastic).
         noise: Hutchinson noise, ``"rademacher"`` or ``"gaussian"``, drawn once per solve.
-        method, rtol, atol: the solver.
+        method, rtol, atol, options: the solver, passed to :func:`neuralode.odeint` (and, with the
+            adjoint, used for the backward solve too).
         adjoint: gradients by :func:`neuralode.odeint_adjoint` (O(1) memory) or backprop.
 
     Attributes:
         nfe: function evaluations of the last solve.
+        backward_nfe: evaluations of the last solve's adjoint backward pass (0 without the adjoint,
+            or before ``backward()``).
+        stats: the solver statistics of the last solve.
     """
 
     def __init__(self, dynamics: nn.Module, *, t0: float = 0.0, t1: float = 1.0, trace: str = "exact",
                  noise: str = "rademacher", method: str = "dopri5", rtol: float = 1e-5, atol: float = 1e-5,
-                 adjoint: bool = True):
+                 options: Optional[dict] = None, adjoint: bool = True):
         super().__init__()
         if trace not in TRACES:
             raise ValueError(f"CNF: unknown trace {trace!r}; choose one of {', '.join(TRACES)}.")
         if noise not in NOISES:
             raise ValueError(f"CNF: unknown noise {noise!r}; choose one of {', '.join(NOISES)}.")
-        self.augmented = _Augmented(dynamics, trace)
+        self.augmented = _Augmented(dynamics, trace)  # owns the dynamics (state_dict keys "augmented.*")
         self.t0, self.t1 = float(t0), float(t1)
         self.noise, self.method, self.rtol, self.atol, self.adjoint = noise, method, rtol, atol, adjoint
-        self.nfe = 0
+        self.options = options
+        self.nfe, self.stats = 0, None
 
     @property
     def dynamics(self) -> nn.Module:
         return self.augmented.dynamics
 
+    @property
+    def backward_nfe(self) -> int:
+        return getattr(self.stats, "backward_nfe", 0)
+
     def _solve(self, z: Tensor, times: list):
-        if self.augmented.trace == "hutchinson":
-            self.augmented.noise = sample_noise(z, self.noise)
+        """Solve the augmented state ``(z, s)``, ``z: (B, D)``, ``s(times[0]) = 0``, over ``times``."""
+        trace = self.augmented.trace
+        noise = sample_noise(z, self.noise) if trace == "hutchinson" else None
+        # The noise travels with this solve's own function object, not the module: the adjoint's
+        # backward evaluates that object again, so a log_prob/transform/sample called before
+        # backward() (a validation batch, a sample) must not swap the noise under this gradient.
+        func = _Augmented(self.dynamics, trace, noise)
         s = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         solver = odeint_adjoint if self.adjoint else odeint
-        (zs, ss), stats = solver(self.augmented, (z, s), times, method=self.method, rtol=self.rtol,
-                                 atol=self.atol, return_stats=True)
-        self.nfe = stats.nfe
+        (zs, ss), self.stats = solver(func, (z, s), times, method=self.method, rtol=self.rtol, atol=self.atol,
+                                      options=self.options, return_stats=True)
+        self.nfe = self.stats.nfe
         return zs[-1], ss[-1]
 
     def log_prob(self, x: Tensor) -> Tensor:
@@ -159,7 +183,9 @@ class CNF(nn.Module):
         if dim is None:
             raise ValueError("CNF.sample: pass dim=..., the dynamics do not say their dimension.")
         p = next(self.parameters())
-        z0 = torch.randn(n, dim, generator=generator, dtype=p.dtype, device=p.device)
+        # Drawn on the generator's device, then moved: a CPU generator serves a CUDA model.
+        device = generator.device if generator is not None else p.device
+        z0 = torch.randn(n, dim, generator=generator, dtype=p.dtype, device=device).to(p.device)
         return self.transform(z0)[0]
 
 

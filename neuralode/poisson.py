@@ -26,27 +26,32 @@ Intensity = Callable[[Tensor], Tensor]
 
 
 def compensator(intensity: Intensity, t0: float, t1: float, *, like: Optional[Tensor] = None,
-                method: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-9) -> Tensor:
+                method: str = "dopri5", rtol: float = 1e-7, atol: float = 1e-9,
+                options: Optional[dict] = None) -> Tensor:
     r""":math:`\Lambda = \int_{t_0}^{t_1} \lambda(t)\,dt` as the solution of :math:`\dot\Lambda = \lambda(t)`.
 
     Args:
         intensity: ``intensity(t)`` with ``t`` a 0-d tensor; returns a tensor of any shape ``S``
             (several independent processes at once).
         t0, t1: the observation window.
-        like: a tensor whose dtype and device the integral uses (default float64 on the CPU).
-        method, rtol, atol: the solver.
+        like: a tensor whose dtype and device the integral uses; by default those of
+            ``intensity(t0)`` for a float64 CPU ``t0`` (float64 when that is not floating point).
+        method, rtol, atol, options: the solver, as for :func:`neuralode.odeint`.
 
     Returns:
         The integral, of shape ``S``; differentiable with respect to the intensity's parameters.
     """
-    like = like if like is not None else torch.zeros((), dtype=torch.float64)
-    shape = intensity(torch.tensor(float(t0), dtype=like.dtype, device=like.device)).shape
-    start = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    probe = intensity(torch.tensor(float(t0), dtype=torch.float64 if like is None else like.dtype,
+                                   device=None if like is None else like.device))
+    if like is None:  # follow the intensity: a float32 or CUDA intensity gets a float32 or CUDA state
+        like = probe if probe.is_floating_point() else probe.double()
+    start = torch.zeros(probe.shape, dtype=like.dtype, device=like.device)
     return odeint(lambda t, _: intensity(t), start, [float(t0), float(t1)], method=method, rtol=rtol,
-                  atol=atol)[-1]
+                  atol=atol, options=options)[-1]
 
 
-def poisson_log_likelihood(intensity: Intensity, event_times, t0: float, t1: float, **solver_options) -> Tensor:
+def poisson_log_likelihood(intensity: Intensity, event_times, t0: float, t1: float, *, method: str = "dopri5",
+                           rtol: float = 1e-7, atol: float = 1e-9, options: Optional[dict] = None) -> Tensor:
     r"""Log-likelihood of event times under an inhomogeneous Poisson process.
 
     Args:
@@ -54,7 +59,7 @@ def poisson_log_likelihood(intensity: Intensity, event_times, t0: float, t1: flo
             solver and once with the vector of event times.
         event_times: the events, shape ``(N,)``, all inside ``[t0, t1]`` (``N`` may be 0).
         t0, t1: the observation window, ``t0 < t1``.
-        **solver_options: ``method``, ``rtol``, ``atol`` for the compensator's solve.
+        method, rtol, atol, options: the compensator's solver, as for :func:`neuralode.odeint`.
 
     Returns:
         A 0-d tensor: :math:`\sum_i \log\lambda(t_i) - \int_{t_0}^{t_1}\lambda(t)\,dt`.
@@ -79,7 +84,8 @@ def poisson_log_likelihood(intensity: Intensity, event_times, t0: float, t1: flo
     if bool((rates <= 0).any()):
         raise ValueError("poisson_log_likelihood: the intensity must be positive at every event "
                          "(use a softplus or exp output).")
-    return rates.log().sum() - compensator(intensity, t0, t1, like=like, **solver_options)
+    return rates.log().sum() - compensator(intensity, t0, t1, like=like, method=method, rtol=rtol, atol=atol,
+                                           options=options)
 
 
 def simulate_thinning(intensity: Callable[[Tensor], Tensor], t0: float, t1: float, rate_max: float, *,
@@ -100,14 +106,23 @@ def simulate_thinning(intensity: Callable[[Tensor], Tensor], t0: float, t1: floa
         The sorted event times, shape ``(N,)``, float64.
 
     Raises:
-        ValueError: when the intensity exceeds ``rate_max`` at a proposed point (the bound is wrong,
-            and the samples would be too).
+        ValueError: for ``t1 <= t0`` or ``rate_max <= 0``; when the intensity is not elementwise,
+            is negative, or exceeds ``rate_max`` at a proposed point (the bound is wrong, and the
+            samples would be too).
     """
+    if not t1 > t0:
+        raise ValueError(f"simulate_thinning: need t0 < t1, got t0={t0}, t1={t1}.")
     if not rate_max > 0:
         raise ValueError(f"simulate_thinning: rate_max must be positive, got {rate_max}.")
     count = int(torch.poisson(torch.tensor(rate_max * (t1 - t0), dtype=torch.float64), generator=generator))
     proposals = torch.sort(t0 + (t1 - t0) * torch.rand(count, dtype=torch.float64, generator=generator)).values
     rates = intensity(proposals)
+    if rates.shape != proposals.shape:  # a broadcast would keep or drop points against the wrong rate
+        raise ValueError(f"simulate_thinning: intensity(t) for t of shape {tuple(proposals.shape)} returned "
+                         f"shape {tuple(rates.shape)}; it must evaluate elementwise on a vector of times.")
+    if bool((rates < 0).any()):  # thinning would read a negative rate as zero without a word
+        raise ValueError(f"simulate_thinning: the intensity is negative ({rates.min().item():.4g}) at a proposed "
+                         "point; an intensity must be >= 0 (use a softplus or exp output).")
     if bool((rates > rate_max).any()):
         raise ValueError(f"simulate_thinning: the intensity reaches {rates.max().item():.4g} > rate_max="
                          f"{rate_max}; pass a larger bound.")

@@ -8,6 +8,7 @@ uninterrupted run exactly (a Colab disconnect loses at most one epoch). The same
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -139,7 +140,14 @@ def _ode_blocks(model: nn.Module) -> list:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] = None,
              loss_fn: Callable = nn.functional.cross_entropy) -> tuple:
-    """Mean loss and accuracy of a classifier over ``loader`` (batches of ``(x, y)``).
+    """Mean loss, and accuracy for a classifier, over ``loader`` (batches of ``(x, y)``).
+
+    ``loss_fn(prediction, y)`` is called as in training and must return the batch's mean loss, a
+    scalar; the result weights each batch by its size ``len(y)``, so it is the mean over the whole
+    set whatever the batch sizes (exactly so for a mean-reducing loss such as the default).
+    The accuracy counts ``prediction.argmax(dim=1) == y`` for predictions ``(B, C)`` and integer
+    labels ``(B,)``; for any other model (e.g. a CNF's ``(B,)`` negative log-likelihoods) it is
+    ``nan``, not a made-up number. A loader without examples raises ``ValueError``.
 
     Under ``torchrun`` the sums are added over the ranks, so a sharded loader gives the mean over
     the whole set (and a replicated one the same mean as one process)."""
@@ -147,16 +155,25 @@ def evaluate(model: nn.Module, loader: Iterable, device: Optional[torch.device] 
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count = 0.0, 0.0, 0
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        logits = model(x)
-        total_loss += loss_fn(logits, y, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == y).sum().item()
+        prediction = model(x)
+        loss = loss_fn(prediction, y)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"evaluate: loss_fn must return a scalar (the batch's mean loss), got {shape}; "
+                             "reduce it, e.g. with .mean().")
+        total_loss += loss.item() * len(y)
+        classifier = prediction.dim() == 2 and y.shape == prediction.shape[:1] and not y.is_floating_point()
+        correct += (prediction.argmax(dim=1) == y).sum().item() if classifier else math.nan
         count += len(y)
     model.train(was_training)
     total_loss, correct, count = distributed.all_reduce_sum([total_loss, correct, count], device)
-    return total_loss / max(count, 1), correct / max(count, 1)
+    if count == 0:  # else a loss and an accuracy of 0.0 would be reported for nothing
+        raise ValueError("evaluate: the loader yielded no examples; a generator or iterator is used up after "
+                         "one pass: pass a list, a DataLoader, or an object whose __iter__ starts over.")
+    return total_loss / count, correct / count
 
 
 def _gather_batch(loss: float, count: int, nfe: int, backward_nfe: int, device) -> list:
@@ -186,14 +203,25 @@ def _rng_state(loader) -> dict:
 
 
 def _set_rng_state(state: dict, loader) -> None:
+    # Every torch generator state is a CPU ByteTensor, whatever the generator's device: .cpu()
+    # keeps a state that was loaded onto the GPU acceptable.
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
     generator = getattr(getattr(loader, "sampler", None), "generator", None)
     if generator is not None and "sampler" in state:
-        generator.set_state(state["sampler"])
+        generator.set_state(state["sampler"].cpu())
+
+
+def _batches_per_epoch(loader, max_batches: Optional[int]) -> Optional[int]:
+    """The progress bar's batches per epoch; ``None`` when the loader has no length (a generator)."""
+    try:
+        n = len(loader)
+    except TypeError:  # no __len__, or an IterableDataset's DataLoader
+        return max_batches
+    return n if max_batches is None else min(n, max_batches)
 
 
 def fit(
@@ -217,17 +245,25 @@ def fit(
     Args:
         model: maps a batch ``x`` to predictions; ODE blocks inside report their NFE.
         train_loader: iterable of ``(x, y)`` batches (a ``DataLoader``; give it a seeded
-            ``generator`` when it shuffles, so that a resumed run sees the same batches).
+            ``generator`` when it shuffles, so that a resumed run sees the same batches). It is
+            iterated once per epoch, so it must start over each time (a list or a ``DataLoader``;
+            a generator serves one epoch only). An epoch without batches raises.
         epochs: total number of epochs (a resumed run continues up to it).
         optimizer, scheduler: the optimizer, and optionally a scheduler stepped once per epoch.
-        val_loader: evaluated after every epoch (loss and accuracy).
-        loss_fn: ``loss_fn(prediction, y)``; cross-entropy by default.
+        val_loader: evaluated after every epoch by :func:`evaluate`: ``loss_fn`` called as in
+            training, averaged over the validation set weighting each batch by ``len(y)``, and
+            the accuracy (``nan`` when the model is not a classifier).
+        loss_fn: ``loss_fn(prediction, y)``, returning the batch's mean loss (a scalar);
+            cross-entropy by default. A CNF wrapped to return ``-log p(x)``, ``(B,)``, trains
+            with ``lambda nll, _: nll.mean()``.
         device: defaults to :func:`default_device`; the model is moved there.
         checkpoint: a file path; written after every epoch (model, optimizer, scheduler, history
             and every random generator's state) and read at the start when it exists.
         seed: seeds Python, NumPy and PyTorch at a fresh start.
-        max_batches: stop each epoch after this many batches (the ``smoke`` profile).
-        progress: show a progress bar (tqdm) with the loss and the NFE.
+        max_batches: stop each epoch after this many batches (the ``smoke`` profile); a positive
+            integer.
+        progress: show a progress bar (tqdm) with the loss and the NFE; without a total when
+            ``train_loader`` has no length.
         stop_after_epochs: leave after this many epochs of this call (simulates an interruption).
 
     Returns:
@@ -242,12 +278,17 @@ def fit(
     """
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"fit: epochs must be a non-negative integer, got {epochs!r}.")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"fit: max_batches must be a positive integer or None, got {max_batches!r}.")
     device = torch.device(device) if device is not None else default_device()
     model = distributed.unwrap_model(model).to(device)
     history, start = History(), 0
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        state = torch.load(path, map_location=device, weights_only=False)
+        # Onto the CPU: the RNG states must stay CPU ByteTensors, and load_state_dict copies the
+        # model's and the optimizer's tensors to their parameters' device anyway.
+        state = torch.load(path, map_location="cpu", weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -266,7 +307,8 @@ def fit(
     if progress and distributed.is_main_process():
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=(epochs - start) * (max_batches or len(train_loader)), desc="fit", leave=False)
+        per_epoch = _batches_per_epoch(train_loader, max_batches)
+        bar = tqdm(total=None if per_epoch is None else (epochs - start) * per_epoch, desc="fit", leave=False)
     sampler = getattr(train_loader, "sampler", None)
     done = 0
     for epoch in range(start, epochs):
@@ -303,9 +345,13 @@ def fit(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}", nfe=nfe)
+        if seen == 0:  # else the epoch would record a loss of 0.0 without having trained
+            raise ValueError(f"fit: train_loader yielded no batches in epoch {epoch + 1}; a generator or iterator "
+                             "is used up after one epoch: pass a list, a DataLoader, or an object whose "
+                             "__iter__ starts over.")
         if scheduler is not None:
             scheduler.step()
-        history.epoch_train_loss.append(total / max(seen, 1))
+        history.epoch_train_loss.append(total / seen)
         history.epoch_seconds.append(time.perf_counter() - began)
         if val_loader is not None:
             val_loss, val_acc = evaluate(model, val_loader, device, loss_fn)
