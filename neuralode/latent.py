@@ -99,14 +99,14 @@ class LatentODE(nn.Module):
         latent_dim: latent size ``L`` (4 in the paper's spiral experiment).
         rnn_hidden, dynamics_hidden, decoder_hidden: layer widths.
         obs_std: the observation noise of the Gaussian likelihood.
-        method, rtol, atol, adjoint: the latent solve.
+        method, rtol, atol, options, adjoint: the latent solve (see :func:`neuralode.odeint`).
 
     The latent state lives at ``t[0]`` of the series it encodes.
     """
 
     def __init__(self, obs_dim: int = 2, latent_dim: int = 4, rnn_hidden: int = 25, dynamics_hidden: int = 20,
                  decoder_hidden: int = 20, obs_std: float = 0.3, method: str = "dopri5", rtol: float = 1e-3,
-                 atol: float = 1e-4, adjoint: bool = False):
+                 atol: float = 1e-4, adjoint: bool = False, options: Optional[dict] = None):
         super().__init__()
         self.latent_dim, self.obs_std = latent_dim, obs_std
         self.encoder = RecognitionRNN(obs_dim, latent_dim, rnn_hidden)
@@ -114,14 +114,14 @@ class LatentODE(nn.Module):
                                     time_dependent=False)
         self.decoder = nn.Sequential(nn.Linear(latent_dim, decoder_hidden), nn.ReLU(),
                                      nn.Linear(decoder_hidden, obs_dim))
-        self.method, self.rtol, self.atol, self.adjoint = method, rtol, atol, adjoint
+        self.method, self.rtol, self.atol, self.adjoint, self.options = method, rtol, atol, adjoint, options
         self.nfe = 0
 
     def latent_trajectory(self, z0: Tensor, t0: Tensor, times: Tensor) -> Tensor:
         """``z`` at ``times`` (any order relative to ``t0``, sorted ascending) from ``z0`` at ``t0``:
         ``(B, L)`` to ``(B, T, L)``. Times before ``t0`` are solved backwards from ``t0``."""
         solve = odeint_adjoint if self.adjoint else odeint
-        kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, return_stats=True)
+        kwargs = dict(method=self.method, rtol=self.rtol, atol=self.atol, options=self.options, return_stats=True)
         t0 = t0.reshape(())
         before, after = times[times < t0], times[times >= t0]
         parts, self.nfe = [], 0
@@ -252,9 +252,10 @@ class PoissonLatentODE(LatentODE):
 
     def __init__(self, obs_dim: int = 0, latent_dim: int = 4, rnn_hidden: int = 25, dynamics_hidden: int = 20,
                  decoder_hidden: int = 20, intensity_hidden: int = 20, obs_std: float = 0.3,
-                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, adjoint: bool = False):
+                 method: str = "dopri5", rtol: float = 1e-3, atol: float = 1e-4, adjoint: bool = False,
+                 options: Optional[dict] = None):
         super().__init__(max(obs_dim, 1), latent_dim, rnn_hidden, dynamics_hidden, decoder_hidden, obs_std, method,
-                         rtol, atol, adjoint)
+                         rtol, atol, adjoint, options)
         self.obs_dim = obs_dim
         if obs_dim == 0:
             self.decoder = None  # events only: nothing to decode
@@ -300,7 +301,7 @@ class PoissonLatentODE(LatentODE):
         start = (z0, z0.new_zeros(z0.shape[0]))
         augmented = _LatentWithCompensator(self)  # built per call: its parameters are the model's own
         (zs, big_lambda), stats = solve(augmented, start, t, method=self.method, rtol=self.rtol,
-                                        atol=self.atol, return_stats=True)
+                                        atol=self.atol, options=self.options, return_stats=True)
         self.nfe = stats.nfe
         return zs.transpose(0, 1), big_lambda.transpose(0, 1)
 

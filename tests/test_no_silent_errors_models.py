@@ -108,6 +108,28 @@ def test_cnf_forwards_options_to_the_solver(adjoint):
         assert cnf.backward_nfe == 4  # the backward solve takes the same options
 
 
+@pytest.mark.parametrize("model", ["latent", "poisson"])
+def test_latent_models_forward_options_to_the_solver(model):
+    """Every model that solves takes ``options`` and hands it to odeint: a fixed step of 0.25 on [0, 1]
+    is 4 Euler steps, 4 evaluations; a budget of one step is the solver's own error."""
+    torch.manual_seed(0)
+    t = torch.linspace(0.0, 1.0, 5)
+    cls = node.LatentODE if model == "latent" else node.PoissonLatentODE
+    euler = cls(method="euler", options={"step_size": 0.25})
+    z0 = torch.randn(3, euler.latent_dim)
+    if model == "latent":
+        euler.latent_trajectory(z0, t[0], t)
+    else:
+        euler.trajectory_and_compensator(z0, t)
+    assert euler.nfe == 4
+    starved = cls(options={"max_num_steps": 1})
+    with pytest.raises(RuntimeError, match="max_num_steps"):
+        if model == "latent":
+            starved.latent_trajectory(z0, t[0], t)
+        else:
+            starved.trajectory_and_compensator(z0, t)
+
+
 def test_compensator_follows_the_intensity_dtype():
     # A float32 intensity used to meet a float64 state by default, and odeint refused it.
     a = torch.tensor([1.0, 2.0])
