@@ -3,7 +3,9 @@
 The public API, re-exported here and nothing else.
 """
 
-from . import adjoint, cnf, data, distributed, exercises, flows, latent, nets, plotting, poisson, training
+import importlib as _importlib
+
+from . import adjoint, cnf, data, distributed, exercises, flows, latent, nets, poisson, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
@@ -31,3 +33,20 @@ __all__ = [
     "fit", "evaluate", "History",
     "adjoint", "cnf", "data", "distributed", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
 ]
+
+# Submodules loaded on first access (PEP 562), so that ``import neuralode`` imports no plotting
+# library: ``node.plotting.vector_field(...)``, ``from neuralode import plotting`` and
+# ``import neuralode.plotting`` all still work, and pull in matplotlib only then.
+_LAZY_SUBMODULES = ("plotting",)
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        module = _importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module  # the import already binds it; later accesses skip this hook
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
