@@ -63,33 +63,56 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def saved_tensor_bytes(fn: Callable[[], object], peak: bool = False) -> int:
-    """Bytes autograd saves for the backward pass while ``fn()`` runs (the memory cost of gradients).
+    """Bytes of the distinct tensors autograd keeps for the backward pass while ``fn()`` runs.
 
-    Counted with ``torch.autograd.graph.saved_tensors_hooks``: every tensor an operation keeps for
-    its backward is counted at its full size each time it is saved.
+    Counted with ``torch.autograd.graph.saved_tensors_hooks``. What is counted is memory, not
+    save events: each saved tensor is charged the whole storage it lives in (its untyped storage,
+    keyed by device, ``data_ptr`` and size), and a storage counts **once** while autograd holds
+    any tensor in it. So an activation saved by two operations (a ``tanh`` output kept by the
+    ``tanh`` and by the next ``linear``), or a parameter sliced and saved at every evaluation,
+    counts once; a view keeps, and is charged, its whole storage. Storages that exist anyway
+    (parameters, inputs) are counted when autograd saves them, so the number is the memory autograd
+    keeps alive for the backward pass, not only what it allocates for it.
 
     Args:
         fn: the computation; include ``backward()`` in it to see what the backward pass builds
             (the checkpointed adjoint re-solves segments there).
-        peak: return the most bytes held at any one moment instead of the total ever saved; a
-            saved tensor stops counting once autograd releases it.
+        peak: return the most bytes held at any one moment instead of the total; a storage stops
+            counting once autograd releases the last saved tensor in it.
 
     Returns:
-        Bytes.
+        Bytes. Without ``peak``, the sum over storages each time one starts being held, so a
+        storage released and saved again later (a second backward pass) counts again.
     """
     total = live = highest = 0
+    holders: dict = {}  # storage key -> [saved tensors alive in it, bytes of the storage]
 
-    class Held:  # one saved tensor, counted while autograd keeps it
+    def storage_of(x: torch.Tensor):
+        try:
+            storage = x.untyped_storage()
+            return (str(x.device), storage.data_ptr(), storage.nbytes()), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # no storage of its own: count the tensor
+            return ("tensor", id(x)), x.numel() * x.element_size()
+
+    class Held:  # one saved tensor; holding it keeps its storage (and address) alive
         def __init__(self, x: torch.Tensor):
             nonlocal total, live, highest
-            self.x, self.nbytes = x, x.numel() * x.element_size()
-            total += self.nbytes
-            live += self.nbytes
-            highest = max(highest, live)
+            self.x = x
+            self.key, nbytes = storage_of(x)
+            entry = holders.setdefault(self.key, [0, nbytes])
+            entry[0] += 1
+            if entry[0] == 1:
+                total += nbytes
+                live += nbytes
+                highest = max(highest, live)
 
         def __del__(self):
             nonlocal live
-            live -= self.nbytes
+            entry = holders[self.key]
+            entry[0] -= 1
+            if entry[0] == 0:
+                del holders[self.key]
+                live -= entry[1]
 
     with torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.x):
         fn()
