@@ -13,7 +13,8 @@ from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, div
 from .flows import PlanarFlow
 from .latent import LatentODE, PoissonLatentODE, RecognitionRNN, RNNBaseline
 from .poisson import compensator, poisson_log_likelihood, simulate_thinning
-from ._tableaus import TABLEAUS, ButcherTableau
+from ._methods import TABLEAUS
+from ._tableaus import ButcherTableau
 from ._rosenbrock import RosenbrockTableau
 from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
                    count_parameters, make_classifier)

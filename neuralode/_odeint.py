@@ -9,19 +9,12 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _rk
-from ._rk import SolverStats
-from ._rosenbrock import JACOBIANS, ROSENBROCK_OPTIONS, ROSENBROCK_TABLEAUS, RosenbrockTableau
-from ._tableaus import TABLEAUS, ButcherTableau
+from ._autograd import Refuse, refuse_double_backward
+from ._loop import CONTROLLERS, SolverStats, rms_norm
+from ._methods import METHODS, REGISTRY, Method, solve
+from ._rosenbrock import JACOBIANS
 
 __all__ = ["odeint", "METHODS", "SolverStats"]
-
-# TABLEAUS is the registry of every method odeint knows: the explicit Butcher tableaux, then the
-# Rosenbrock methods for stiff problems, which carry the same fields (c, a, b, b_error, orders).
-TABLEAUS.update(ROSENBROCK_TABLEAUS)
-
-#: Names accepted by ``odeint(method=...)``.
-METHODS: Tuple[str, ...] = tuple(TABLEAUS)
 
 State = Union[Tensor, Tuple[Tensor, ...]]
 
@@ -75,11 +68,7 @@ def _check_times(t) -> list:
 
 
 def _check_options(method: str, options: Optional[dict], prefix: str = "") -> dict:
-    tableau = TABLEAUS[method]
-    if isinstance(tableau, RosenbrockTableau):
-        defaults = ROSENBROCK_OPTIONS
-    else:
-        defaults = _rk.ADAPTIVE_OPTIONS if tableau.adaptive else _rk.FIXED_OPTIONS
+    defaults = REGISTRY[method].defaults
     name = prefix + "options"
     options = {} if options is None else options
     if not isinstance(options, dict):
@@ -89,8 +78,8 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
         raise ValueError(f"odeint: unknown option(s) {unknown} in {name} for method {method!r}; "
                          f"valid options are {sorted(defaults)}.")
     merged = {**defaults, **options}
-    if "controller" in merged and merged["controller"] not in _rk.CONTROLLERS:
-        raise ValueError(f"odeint: {name}['controller'] must be one of {_rk.CONTROLLERS}, "
+    if "controller" in merged and merged["controller"] not in CONTROLLERS:
+        raise ValueError(f"odeint: {name}['controller'] must be one of {CONTROLLERS}, "
                          f"got {merged['controller']!r}.")
     if "jacobian" in merged and merged["jacobian"] not in JACOBIANS:
         raise ValueError(f"odeint: {name}['jacobian'] must be one of {JACOBIANS} (\"batched\" only for a "
@@ -137,7 +126,7 @@ def _check_tolerance(name: str, value) -> float:
 class _Solver(NamedTuple):
     """A validated method with its tolerances and options (everything a solve needs but the state)."""
 
-    tableau: ButcherTableau
+    method: Method
     rtol: float
     atol: float
     options: dict
@@ -146,9 +135,9 @@ class _Solver(NamedTuple):
 def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     """Check a method name, its tolerances and options; ``prefix`` names the arguments
     (``"adjoint_"`` for the adjoint's backward solve)."""
-    if not isinstance(method, str) or method not in TABLEAUS:
+    if not isinstance(method, str) or method not in REGISTRY:
         raise ValueError(f"odeint: unknown {prefix}method {method!r}; choose one of {', '.join(METHODS)}.")
-    tableau = TABLEAUS[method]
+    tableau = REGISTRY[method].tableau
     rtol = _check_tolerance(prefix + "rtol", rtol)
     atol = _check_tolerance(prefix + "atol", atol)
     if tableau.adaptive and rtol == 0 and atol == 0:
@@ -159,7 +148,7 @@ def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
         raise ValueError(f"odeint: {prefix}atol must be > 0 for an adaptive method: a state component that "
                          f"is 0 has error scale {prefix}atol + {prefix}rtol*|y| = 0, so no step could be accepted. "
                          f"Give a small absolute tolerance, e.g. {prefix}atol=1e-9 (1e-6 in float32).")
-    return _Solver(tableau, rtol, atol, _check_options(method, options, prefix))
+    return _Solver(REGISTRY[method], rtol, atol, _check_options(method, options, prefix))
 
 
 def odeint(
@@ -256,14 +245,14 @@ def odeint(
         with torch.no_grad():
             f0 = dynamics(setup.times[0], y_start)
         y_start = _TimeShift.apply(y_start, t[0], -f0)
-    ys = _rk.solve(dynamics, y_start, setup.times, setup.tableau, rtol=setup.rtol, atol=setup.atol,
-                   norm=setup.norm, options=setup.options, stats=stats, shape=setup.shape)
+    ys = solve(setup.method, dynamics, y_start, setup.times, rtol=setup.rtol, atol=setup.atol,
+               norm=setup.norm, options=setup.options, stats=stats, shape=setup.shape, **setup.callbacks())
     if time_grad:
         # y(t_i) moves along f as t_i moves: dy(t_i)/dt_i = f(t_i, y_i) for i >= 1; ys[0] is y0
         # itself, whatever t_0 (its gradient must not reach t_0).
         with torch.no_grad():
             slopes = torch.stack([torch.zeros_like(f0)] + [dynamics(s, y) for s, y in zip(setup.times[1:], ys[1:])])
-        ys = _TimeShift.apply(torch.stack([setup.y_start] + list(ys[1:])), t, slopes)
+        ys = _TimeShift.apply(torch.cat([setup.y_start.unsqueeze(0), ys[1:]]), t, slopes)
     result = setup.stack(ys)
     return (result, stats) if return_stats else result
 
@@ -293,13 +282,13 @@ class _TimeShift(torch.autograd.Function):
                 rows = (g * v).reshape(t.numel(), -1).sum(1)
                 grad_t = rows.reshape(t.shape).to(dtype=t.dtype, device=t.device)
             # v is a constant here, so d(grad_t)/d(y, theta, t) would miss terms: refuse it.
-            (grad_t,) = _rk.refuse_double_backward(_TIME_TWICE, grad_t)
+            (grad_t,) = refuse_double_backward(_TIME_TWICE, grad_t)
             if torch.is_grad_enabled():
                 # create_graph=True. The solve's own backward took the times as constants, so a
                 # second derivative reaching t would miss terms too. Tie g to t through a node
                 # that raises: autograd runs it only when a second backward asks for t's gradient,
                 # so second derivatives with respect to y0 and the parameters stay available.
-                (tie,) = _rk._Refuse.apply(_TIME_TWICE, t)
+                (tie,) = Refuse.apply(_TIME_TWICE, t)
                 g = g + 0 * tie.sum()
         return g, grad_t, None
 
@@ -321,7 +310,7 @@ class _Setup:
         self.is_tuple = isinstance(y0, (tuple, list))
         self.parts = _check_state(y0)
         self.times = _check_times(t)
-        self.method, self.tableau = method, solver.tableau
+        self.method = solver.method
         self.rtol, self.atol, self.options = solver.rtol, solver.atol, solver.options
         self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
         self.shapes = [p.shape for p in self.parts]
@@ -335,11 +324,14 @@ class _Setup:
     def unflatten(self, y: Tensor) -> Tuple[Tensor, ...]:
         return tuple(chunk.view(shape) for chunk, shape in zip(torch.split(y, self.sizes), self.shapes))
 
-    def norm(self, x: Tensor) -> Tensor:
-        if not self.is_tuple:
-            return _rk.rms_norm(x)
-        # Each part of a tuple on its own scale: the worst part decides.
-        return torch.stack([_rk.rms_norm(c) for c in torch.split(x, self.sizes)]).max()
+    @property
+    def norm(self) -> Callable[[Tensor], Tensor]:
+        """The error norm: RMS over the state; for a tuple, each part on its own scale, the worst
+        part deciding."""
+        return self._tuple_norm if self.is_tuple else rms_norm
+
+    def _tuple_norm(self, x: Tensor) -> Tensor:
+        return torch.stack([rms_norm(c) for c in torch.split(x, self.sizes)]).max()
 
     def call(self, t_tensor: Tensor, y: Tensor) -> Tensor:
         """``func`` on the engine's state ``y`` (flat or not), returned in the same layout."""
@@ -365,7 +357,7 @@ class _Setup:
         differentiate with respect to it) is passed on, keeping its graph."""
         if isinstance(s, Tensor):
             return s.to(dtype=self.dtype, device=self.device)
-        return torch.full((), s, dtype=self.dtype, device=self.device)
+        return torch.scalar_tensor(s, dtype=self.dtype, device=self.device)
 
     @property
     def shape(self) -> Optional[torch.Size]:
@@ -374,11 +366,57 @@ class _Setup:
         return None if self.is_tuple else self.shapes[0]
 
     def dynamics(self, stats: SolverStats) -> Callable[[float, Tensor], Tensor]:
-        def f(s: float, y: Tensor) -> Tensor:
-            stats.nfe += 1
-            return self.call(self.time(s), y)
+        if self.flat:
+            def f(s: float, y: Tensor) -> Tensor:
+                stats.nfe += 1
+                return self.call(self.time(s), y)
 
-        return f
+            return f
+        # A single tensor state (the common case) in one closure: this runs six times per dopri5 step.
+        func, dtype, device, shape = self.func, self.dtype, self.device, self.shapes[0]
+
+        def f_tensor(s: float, y: Tensor) -> Tensor:
+            stats.nfe += 1
+            if isinstance(s, Tensor):
+                s = s.to(dtype=dtype, device=device)
+            else:
+                s = torch.scalar_tensor(s, dtype=dtype, device=device)
+            out = func(s, y)
+            if not isinstance(out, Tensor) or out.shape != shape or out.dtype != dtype:
+                _check_output(out, 0, shape, dtype, False)  # raises, saying what is wrong
+            return out
+
+        return f_tensor
+
+    def structure(self, y: Tensor):
+        """The engine's state ``y`` in the user's structure (a tensor of ``y0``'s shape, or a tuple)."""
+        if not self.flat:
+            return y
+        parts = self.unflatten(y)
+        return parts if self.is_tuple else parts[0]
+
+    def callbacks(self) -> dict:
+        """torchdiffeq's step callbacks, when ``func`` has them, as hooks of the integration loop:
+        ``func.callback_step(t0, y0, dt)`` before every attempted step, ``callback_accept_step`` and
+        ``callback_reject_step`` (same arguments) after every accepted and rejected one; ``t0``
+        and ``dt`` are 0-d tensors like the time ``func`` gets, ``y0`` has ``y0``'s structure."""
+        hooks = {}
+        for key, name in (("on_attempt", "callback_step"), ("on_accept", "callback_accept_step"),
+                          ("on_reject", "callback_reject_step")):
+            callback = getattr(self.func, name, None)
+            if callback is None:
+                continue
+            if not callable(callback):
+                raise TypeError(f"odeint: func.{name} must be callable as {name}(t0, y0, dt), got "
+                                f"{type(callback).__name__}.")
+            if key == "on_accept":
+                def hook(step, interpolate, callback=callback):
+                    callback(self.time(step.t), self.structure(step.y), self.time(step.h))
+            else:
+                def hook(t, y, h, callback=callback):
+                    callback(self.time(t), self.structure(y), self.time(h))
+            hooks[key] = (hook,)
+        return hooks
 
     def stack(self, ys: Union[Tensor, Sequence[Tensor]]):
         """Engine outputs (a list, one per time, or already stacked) to the user's layout:

@@ -32,7 +32,7 @@ retries of a rejected step (only :math:`W` is refactorised).
     y_{n+1} = \hat y_{n+1} + u_6 \quad\text{(order 4)},
 
 and :math:`u_6 = y_{n+1} - \hat y_{n+1}` is the local error estimate, measured by the same norm
-and fed to the same I/PI controller as the explicit pairs (:mod:`neuralode._rk`). Stages 5 and 6
+and fed to the same I/PI controller as the explicit pairs (:mod:`neuralode._loop`). Stages 5 and 6
 are evaluated at :math:`t_n + h` (:math:`\alpha_5 = \alpha_6 = 1`, :math:`d_5 = d_6 = 0`).
 
 **Time dependence.** :math:`f_t` comes from autograd, not from a finite difference: the time
@@ -88,7 +88,7 @@ The threshold keeps the slope-based quartic where perturbations are amplified at
 
 **Cost per step.** One evaluation with its Jacobian (at the start of the step, shared with the
 previous step's end), five further evaluations of ``func``, one LU factorisation, six linear
-solves. :class:`~neuralode._rk.SolverStats` counts ``n_jac``, ``n_lu`` and ``n_solves``. In grad
+solves. :class:`~neuralode.SolverStats` counts ``n_jac``, ``n_lu`` and ``n_solves``. In grad
 mode one more evaluation per solve (on a detached state) tells whether ``func`` holds parameters
 that require grad, so that a solve nobody differentiates builds no graph.
 
@@ -106,27 +106,23 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import _rk
+from ._autograd import once_differentiable
+from ._loop import ADAPTIVE_OPTIONS, Dynamics, SolverStats, Step, combine
 from ._tableaus import _stability_function
 
-__all__ = ["RosenbrockTableau", "ROSENBROCK_TABLEAUS", "RODAS4", "ROSENBROCK_OPTIONS", "JACOBIANS",
-           "solve"]
+__all__ = ["RosenbrockTableau", "RODAS4", "Rosenbrock", "ROSENBROCK_OPTIONS", "JACOBIANS"]
 
 Row = Tuple[Fraction, ...]
 
 #: Options accepted by the Rosenbrock methods: the adaptive options plus how to get the Jacobian.
-ROSENBROCK_OPTIONS = {**_rk.ADAPTIVE_OPTIONS, "jacobian": "full"}
+ROSENBROCK_OPTIONS = {**ADAPTIVE_OPTIONS, "jacobian": "full"}
 #: Values of ``options["jacobian"]``.
 JACOBIANS = ("full", "batched")
-
-# A singular W: halve h and refactorise, at most this many times in a row, then fail.
-_MAX_SINGULAR = 5
-
 
 def _lower(rows: Sequence[Sequence[float]], s: int) -> List[List[Fraction]]:
     """Square lower-triangular matrix of exact fractions (of the binary floats) from ragged rows."""
@@ -136,8 +132,8 @@ def _lower(rows: Sequence[Sequence[float]], s: int) -> List[List[Fraction]]:
 @dataclass(frozen=True)
 class RosenbrockTableau:
     r"""A Rosenbrock method: the published coefficients its step uses and, derived from them, its
-    canonical form (HNW II, section VI.7, eq. (7.4)), with the same field names as a
-    :class:`~neuralode.ButcherTableau` so the registry treats every method alike.
+    canonical form (HNW II, section VI.7, eq. (7.4)), in which the order conditions and the
+    stability function are stated.
 
     The arguments are the coefficients of the transformed form of HNW eq. (7.25), as printed in
     ``rodas.f``.
@@ -172,8 +168,6 @@ class RosenbrockTableau:
     m: Tuple[float, ...]
     m_hat: Tuple[float, ...]
     dense_t: Tuple[Tuple[float, ...], ...]
-    fsal: bool = False
-    dense: None = None  # no per-stage polynomial weights (see dense_t and the module docstring)
     a: Tuple[Row, ...] = field(init=False)
     gammas: Tuple[Row, ...] = field(init=False)
     c: Row = field(init=False)
@@ -271,8 +265,6 @@ RODAS4 = RosenbrockTableau(
 # Dense output: above this h * ||J||_inf a step counts as stiff (see the module docstring).
 _STIFF_DENSE = 5.0
 
-#: The Rosenbrock methods by name.
-ROSENBROCK_TABLEAUS: Dict[str, RosenbrockTableau] = {RODAS4.name: RODAS4}
 
 
 class _Jacobian:
@@ -282,7 +274,7 @@ class _Jacobian:
     (``J`` of shape ``(B, D, D)``, the diagonal blocks for a ``(B, D)`` state with independent rows).
     """
 
-    def __init__(self, func, mode: str, shape: torch.Size, stats: _rk.SolverStats, outer: bool):
+    def __init__(self, func, mode: str, shape: torch.Size, stats: SolverStats, outer: bool):
         self.func, self.mode, self.shape, self.stats = func, mode, shape, stats
         self.outer = outer  # does f depend on tensors outside the state that require grad?
 
@@ -361,7 +353,7 @@ class _Reattach(torch.autograd.Function):
         return tuple(o.view_as(o) for o in outs)
 
     @staticmethod
-    @_rk.once_differentiable(
+    @once_differentiable(
         "odeint: gradients through method 'rodas4' cannot be differentiated twice (create_graph=True: "
         "gradient penalties, Hessian-vector products, gradgradcheck): the Jacobian's share of the state's "
         "gradient is computed without a graph, so a second derivative would miss terms. Use an explicit "
@@ -378,7 +370,7 @@ class _Reattach(torch.autograd.Function):
 class _Linear:
     """``W = I - h gamma J`` factorised once; ``solve(r)`` returns ``W^{-1} r`` shaped like ``r``."""
 
-    def __init__(self, jac: Tensor, hg: float, mode: str, shape, stats: _rk.SolverStats):
+    def __init__(self, jac: Tensor, hg: float, mode: str, shape, stats: SolverStats):
         eye = torch.eye(jac.shape[-1], dtype=jac.dtype, device=jac.device)
         self.lu, self.pivots, info = torch.linalg.lu_factor_ex(eye - hg * jac)
         self.mode, self.shape, self.stats = mode, shape, stats
@@ -400,20 +392,20 @@ def _step(func, tab: RosenbrockTableau, t: float, y: Tensor, f0: Tensor, f_t: Op
         if i == 0:
             fi = f0
         else:
-            yi = _rk._combine(y, 1.0, tab.a_t[i - 1], us)
+            yi = combine(y, 1.0, tab.a_t[i - 1], us)
             fi = func(t + tab.alpha[i] * h, yi)
-        rhs = _rk._combine(fi, 1.0 / h, tab.c_t[i - 1], us) if i else fi
+        rhs = combine(fi, 1.0 / h, tab.c_t[i - 1], us) if i else fi
         if f_t is not None and tab.d[i] != 0.0:
             rhs = torch.add(rhs, f_t, alpha=h * tab.d[i])
         us.append(linear.solve(rhs) * hg)
-    y_hat = _rk._combine(y, 1.0, tab.m_hat, us)
+    y_hat = combine(y, 1.0, tab.m_hat, us)
     return y_hat + us[-1], us[-1], us
 
 
 def _rodas_dense(tab: RosenbrockTableau, y0: Tensor, y1: Tensor, us: Sequence[Tensor], theta: float) -> Tensor:
     """``(1 - th) y0 + th (y1 + (1 - th)(q1 + th q2))``, ``q_k = sum_j dense_t[k][j] u_j`` (rodas.f)."""
-    q1 = _rk._combine(None, 1.0, tab.dense_t[0], us)
-    q2 = _rk._combine(None, 1.0, tab.dense_t[1], us)
+    q1 = combine(None, 1.0, tab.dense_t[0], us)
+    q2 = combine(None, 1.0, tab.dense_t[1], us)
     inner = torch.add(q1, q2, alpha=theta)
     return torch.add(y0 * (1 - theta), torch.add(y1, inner, alpha=1 - theta), alpha=theta)
 
@@ -440,84 +432,74 @@ def _curvature(jac: Tensor, f0: Tensor, f_t: Optional[Tensor], mode: str, shape)
     return out if f_t is None else out + f_t
 
 
-def solve(func, y0: Tensor, t_out: Sequence[float], tab: RosenbrockTableau, *, rtol: float, atol: float,
-          norm, options: dict, stats: _rk.SolverStats, shape: Optional[torch.Size] = None) -> List[Tensor]:
-    """Integrate ``y' = func(t, y)`` with a Rosenbrock method; the arguments are those of
-    :func:`neuralode._rk.solve` (``options`` with every key of :data:`ROSENBROCK_OPTIONS`).
-    ``shape`` is the user's state shape when ``y0`` is its flattened copy (used by
-    ``options["jacobian"] == "batched"``); default ``y0.shape``.
+class _RosenbrockStep(Step):
+    __slots__ = ("us", "f0", "jac", "f_t")
+
+    def __init__(self, t, t1, y, y1, err, us, f0, jac, f_t):
+        super().__init__(t, t1, y, y1, err)
+        self.us, self.f0, self.jac, self.f_t = us, f0, jac, f_t
+
+
+class Rosenbrock:
+    """Steps of a Rosenbrock method, for :func:`neuralode._loop.integrate` (see the module docstring).
+
+    Args:
+        tableau: the method.
+        options: the solve's options; ``options["jacobian"]`` is ``"full"`` or ``"batched"``.
+        stats: the solve's counters (Jacobians, factorisations, linear solves are counted here).
+        shape: the user's state shape when the state is its flattened copy (``"batched"`` needs
+            ``(B, D)``).
     """
-    mode = options["jacobian"]
-    shape = torch.Size(y0.shape if shape is None else shape)
-    if mode == "batched" and len(shape) != 2:
-        raise ValueError(
-            f"odeint: options['jacobian']='batched' needs a state of shape (B, D) whose rows evolve "
-            f"independently, but the state has shape {tuple(shape)} (a tuple state counts as one flat "
-            "vector). Reshape the state to (B, D), or use options={'jacobian': 'full'}.")
-    t0, t_end = t_out[0], t_out[-1]
-    control = _rk._StepControl(options, min(tab.order, tab.error_order) + 1, t_out, stats)
-    direction = control.direction
-    outer = False
-    if torch.is_grad_enabled() and not y0.requires_grad:
-        # Do the dynamics hold parameters that require grad? One evaluation on a detached state tells
-        # (parameters do not change their requires_grad during a solve).
-        outer = func(t0, y0.detach()).requires_grad
-    jacobian = _Jacobian(func, mode, shape, stats, outer)
 
-    f0, jac, f_t = jacobian(t0, y0)
-    h = control.first_step(func, t0, y0, f0, tab.order, rtol, atol, norm)
+    def __init__(self, tableau: RosenbrockTableau, options: dict, stats: SolverStats, shape: torch.Size):
+        self.tab, self.stats = tableau, stats
+        self.mode, self.shape = options["jacobian"], torch.Size(shape)
+        if self.mode == "batched" and len(self.shape) != 2:
+            raise ValueError(
+                f"odeint: options['jacobian']='batched' needs a state of shape (B, D) whose rows evolve "
+                f"independently, but the state has shape {tuple(self.shape)} (a tuple state counts as one flat "
+                "vector). Reshape the state to (B, D), or use options={'jacobian': 'full'}.")
+        self.order, self.error_order = tableau.order, tableau.error_order
+        self.jacobian: Optional[_Jacobian] = None
+        self.f0 = self.jac = self.f_t = None
 
-    outputs = [y0]
-    j = 1
-    t, y = t0, y0
-    singular = 0
-    while j < len(t_out):
-        h, t1 = control.next_step(t, h)
-        hs = t1 - t
-        linear = _Linear(jac, hs * tab.gamma, mode, shape, stats)
+    def start(self, func: Dynamics, t0: float, y0: Tensor) -> Tensor:
+        outer = False
+        if torch.is_grad_enabled() and not y0.requires_grad:
+            # Do the dynamics hold parameters that require grad? One evaluation on a detached state
+            # tells (parameters do not change their requires_grad during a solve).
+            outer = func(t0, y0.detach()).requires_grad
+        self.jacobian = _Jacobian(func, self.mode, self.shape, self.stats, outer)
+        self.f0, self.jac, self.f_t = self.jacobian(t0, y0)
+        return self.f0
+
+    def attempt(self, func: Dynamics, t: float, y: Tensor, t1: float) -> Optional[_RosenbrockStep]:
+        """One step to ``t1``, or ``None`` when ``W`` is singular (the controller then halves h)."""
+        h = t1 - t
+        linear = _Linear(self.jac, h * self.tab.gamma, self.mode, self.shape, self.stats)
         if linear.singular:
-            singular += 1
-            stats.n_rejected += 1
-            if singular > _MAX_SINGULAR:
-                raise RuntimeError(
-                    f"odeint: the Rosenbrock matrix W = I - h*gamma*J is singular at t={t:.6g} (h={hs:.3g}) "
-                    f"after halving the step {_MAX_SINGULAR} times. The Jacobian df/dy is degenerate "
-                    "there: check the dynamics, or use an explicit method such as 'dopri5'.")
-            control.last_rejected = True
-            h *= 0.5
-            continue
-        singular = 0
-        y1, err, us = _step(func, tab, t, y, f0, f_t, linear, hs)
-        ratio = _rk._error_ratio(err, y, y1, rtol, atol, norm)
+            return None
+        y1, err, us = _step(func, self.tab, t, y, self.f0, self.f_t, linear, h)
+        return _RosenbrockStep(t, t1, y, y1, err, us, self.f0, self.jac, self.f_t)
 
-        if ratio <= 1.0:  # accept (False for NaN)
-            f1 = ypp0 = stiff = None
-            if t1 != t_end:  # the next step's f, J and f_t, at its start
-                f1, jac1, f_t1 = jacobian(t1, y1)
-            while j < len(t_out) and (t_out[j] - t1) * direction <= 0:
-                if t_out[j] == t1:
-                    out = y1
-                else:  # dense output: the steps never depend on the output grid
-                    theta = (t_out[j] - t) / hs
-                    if stiff is None:
-                        with torch.no_grad():
-                            stiff = abs(hs) * float(jac.detach().abs().sum(-1).max()) > _STIFF_DENSE
-                    if stiff:
-                        out = _rodas_dense(tab, y, y1, us, theta)
-                    else:
-                        if f1 is None:
-                            f1 = func(t1, y1)
-                        if ypp0 is None:
-                            ypp0 = _curvature(jac, f0, f_t, mode, shape)
-                        out = _quartic(y, y1, f0, f1, ypp0, hs, theta)
-                outputs.append(out)
-                j += 1
-            if t1 != t_end:
-                f0, jac, f_t = f1, jac1, f_t1
-            t, y = t1, y1
-            factor = control.accept(ratio, t1)
+    def accept(self, func: Dynamics, step: _RosenbrockStep, last: bool) -> None:
+        # The next step's f, J and f_t, at its start (not needed after the last step).
+        if last:
+            self.f0 = self.jac = self.f_t = None
         else:
-            factor = control.reject(ratio)
-        h = h * factor
-    _rk._check_outputs(outputs, t_out)
-    return outputs
+            self.f0, self.jac, self.f_t = self.jacobian(step.t1, step.y1)
+
+    def dense(self, func: Dynamics, step: _RosenbrockStep, thetas: Sequence[float]) -> Tensor:
+        """The states at ``t + theta h``, stacked: rodas.f's extension on a stiff step, else the
+        quartic (see the module docstring)."""
+        with torch.no_grad():
+            stiff = abs(step.h) * float(step.jac.detach().abs().sum(-1).max()) > _STIFF_DENSE
+        if stiff:
+            outs = [_rodas_dense(self.tab, step.y, step.y1, step.us, th) for th in thetas]
+        else:
+            f1 = self.f0
+            if f1 is None:  # an output inside the last step: f(t1, y1) is not known yet
+                f1 = func(step.t1, step.y1)
+            ypp0 = _curvature(step.jac, step.f0, step.f_t, self.mode, self.shape)
+            outs = [_quartic(step.y, step.y1, step.f0, f1, ypp0, step.h, th) for th in thetas]
+        return torch.stack(outs)

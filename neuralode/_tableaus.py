@@ -12,7 +12,7 @@ difference :math:`h \\sum_i (b_i - \\hat b_i) k_i` estimates the local error and
 step-size controller (Hairer, Norsett & Wanner, *Solving ODEs I*, section II.4).
 
 Coefficients are written as exact fractions so that the consistency conditions are checked
-exactly; the engine converts them to the state's dtype once per solve.
+exactly; the stepper converts them to Python floats once per tableau.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional, Sequence, Tuple
 
-__all__ = ["ButcherTableau", "TABLEAUS"]
+__all__ = ["ButcherTableau", "EXPLICIT_TABLEAUS"]
 
 Row = Tuple[Fraction, ...]
 
@@ -74,7 +74,7 @@ class ButcherTableau:
         dense: optional continuous extension (dense output): for each stage ``i`` the
             coefficients ``(d_i1, ..., d_im)`` of ``b_i(theta) = sum_m d_im theta^m``, so that
             ``y(t + theta h) ~ y + h sum_i b_i(theta) k_i`` for ``theta`` in [0, 1]. Continuity
-            requires ``b_i(1) = b_i``. Without it the engine uses cubic Hermite interpolation.
+            requires ``b_i(1) = b_i``. Without it the stepper uses cubic Hermite interpolation.
 
     Raises:
         ValueError: when the coefficients are inconsistent (row sums differ from ``c``,
@@ -284,4 +284,5 @@ TSIT5 = _tableau(
 #: Every method ``odeint`` knows, by name: the explicit tableaux below and, registered by
 #: ``neuralode._odeint``, the Rosenbrock methods for stiff problems (:class:`RosenbrockTableau`).
 #: Adding an explicit Runge-Kutta method is one tableau here.
-TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, HEUN2, RK4, ADAPTIVE_HEUN, BOSH3, DOPRI5, TSIT5)}
+#: The explicit methods, by name (the registry of every method is ``neuralode._methods``).
+EXPLICIT_TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, HEUN2, RK4, ADAPTIVE_HEUN, BOSH3, DOPRI5, TSIT5)}

@@ -1,0 +1,472 @@
+"""The one integration loop behind :func:`neuralode.odeint`, and the step-size control it drives.
+
+A solve is a *stepper* (how to take one step of a method and interpolate inside it: the explicit
+Runge-Kutta stepper of :mod:`neuralode._rk`, the Rosenbrock stepper of
+:mod:`neuralode._rosenbrock`) driven by a *controller* (which step to try next and whether to keep
+it: :class:`StepControl` for the adaptive methods, :class:`FixedSteps` for the fixed-step ones).
+:func:`integrate` owns everything else once: time, the accept/reject decision, the outputs at the
+requested times (exact hits and dense output, batched per step), the final finiteness check, and
+the hooks that see every accepted step.
+
+The state is a single tensor ``y`` (the front door flattens tuple states); time is a Python float
+(float64) whatever the state's dtype, so step-size control happens on the host. An adaptive solve
+synchronises host and device once per attempted step, to read the error ratio that decides
+accept or reject; a fixed-step one once per solve (see :class:`FixedSteps`). The Rosenbrock
+stepper adds its own synchronisations (a singular-matrix flag per step, a stiffness test per step
+with outputs inside it).
+
+References: Hairer, Norsett & Wanner, *Solving Ordinary Differential Equations I* (2nd ed.,
+1993), section II.4 (error norm, automatic first step, step-size control) and II.6 (dense output);
+Hairer & Wanner, *Solving ODEs II* (2nd ed., 1996), section IV.2 (PI control).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["SolverStats", "rms_norm", "combine", "Step", "Stepper", "StepControl", "FixedSteps", "integrate",
+           "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS"]
+
+# ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
+Dynamics = Callable[[float, Tensor], Tensor]
+Norm = Callable[[Tensor], Tensor]
+
+#: Options accepted by the fixed-step methods, with their defaults.
+FIXED_OPTIONS = {"step_size": None}
+#: Options accepted by the adaptive methods, with their defaults.
+ADAPTIVE_OPTIONS = {
+    "first_step": None,  # None: Hairer's automatic choice
+    "max_step": math.inf,
+    "min_step": 0.0,
+    "max_num_steps": 10_000,  # accepted + rejected; a solve that cannot finish fails fast
+    "safety": 0.9,
+    "ifactor": 10.0,  # largest growth of h in one step
+    "dfactor": 0.2,  # largest shrink of h in one step
+    "controller": "i",  # "i": h *= safety err^(-1/k); "pi": also remembers the last error
+}
+CONTROLLERS = ("i", "pi")
+
+_EPS = sys.float_info.epsilon
+# Every trial step since the last accepted one was NaN or inf and h has shrunk this much: give up.
+_NONFINITE_SHRINK = 1e-30
+
+
+@dataclass
+class SolverStats:
+    """What a solve cost, counted by the loop and the steppers.
+
+    Attributes:
+        nfe: number of evaluations of the dynamics ``func`` (counted by the wrapper the front door
+            puts around it, which also checks what ``func`` returns).
+        n_accepted: accepted steps.
+        n_rejected: rejected steps (adaptive methods only).
+        step_times: the end time of every accepted step, in order.
+        n_jac: Jacobian evaluations ``df/dy`` (implicit methods only; 0 for explicit ones). Each
+            is one evaluation of ``func`` (counted in ``nfe``) plus its vectorised backward pass.
+        n_lu: LU factorisations of ``W = I - h gamma J`` (implicit methods; one per attempted
+            step, so ``n_lu >= n_accepted + n_rejected``; a batched factorisation counts once).
+        n_solves: linear solves with a factorised ``W`` (implicit methods; one per stage).
+    """
+
+    nfe: int = 0
+    n_accepted: int = 0
+    n_rejected: int = 0
+    step_times: List[float] = field(default_factory=list)
+    n_jac: int = 0
+    n_lu: int = 0
+    n_solves: int = 0
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """Root-mean-square of all entries: ``sqrt(mean(x**2))`` (HNW II.4, eq. 4.11)."""
+    return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def combine(y: Optional[Tensor], h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
+    """``y + h * sum_j weights[j] * ks[j]`` (``y`` may be None), skipping zero weights."""
+    out = y
+    fresh = False  # may we update ``out`` in place? Only once it is a tensor we created.
+    for w, k in zip(weights, ks):
+        if w == 0.0:
+            continue
+        if out is None:
+            out = k * (h * w)
+            fresh = True
+        elif fresh:
+            out.add_(k, alpha=h * w)
+        else:
+            out = torch.add(out, k, alpha=h * w)
+            fresh = True
+    if out is None:
+        out = torch.zeros_like(ks[0])
+    return out
+
+
+def check_finite(y: Tensor, what: str, t: float) -> None:
+    if not bool(torch.isfinite(y).all()):
+        raise FloatingPointError(
+            f"odeint: the {what} became non-finite (NaN or inf) at t={t:.6g}. Check the dynamics "
+            "for overflow or division by zero, or use a smaller step size / tighter tolerance."
+        )
+
+
+class Step:
+    """One attempted step from ``t`` to ``t1 = t + h`` (``h`` signed): ``y1`` the new state and
+    ``err`` its local error estimate (``None`` for a fixed-step method). A stepper subclasses it to
+    keep what its dense output needs."""
+
+    __slots__ = ("t", "t1", "h", "y", "y1", "err")
+
+    def __init__(self, t: float, t1: float, y: Tensor, y1: Tensor, err: Optional[Tensor]):
+        self.t, self.t1, self.h, self.y, self.y1, self.err = t, t1, t1 - t, y, y1, err
+
+
+class Stepper(Protocol):
+    """What :func:`integrate` needs of a method; one stepper object serves one solve.
+
+    ``order`` (and, for an adaptive method, ``error_order``) set the controller's exponent and the
+    automatic first step. ``start`` evaluates what the first step needs at ``(t0, y0)`` and returns
+    ``f(t0, y0)``. ``attempt`` takes one step of size ``t1 - t`` from the last accepted state, or
+    returns ``None`` when it cannot (a singular linear system: the controller retries smaller).
+    ``accept`` makes ``step`` the new starting point (``last``: no step follows). ``dense`` returns
+    the states at ``t + theta h`` for the ``thetas`` in ``(0, 1)``, stacked: shape ``(m, *y.shape)``.
+    """
+
+    order: int
+    error_order: Optional[int]
+
+    def start(self, func: Dynamics, t0: float, y0: Tensor) -> Tensor: ...
+
+    def attempt(self, func: Dynamics, t: float, y: Tensor, t1: float) -> Optional[Step]: ...
+
+    def accept(self, func: Dynamics, step: Step, last: bool) -> None: ...
+
+    def dense(self, func: Dynamics, step: Step, thetas: Sequence[float]) -> Tensor: ...
+
+
+def _initial_step(func, t0, y0, f0, direction, order, rtol, atol, norm) -> float:
+    """Hairer's starting step size (HNW II.4, "Automatic step size control", steps a-f)."""
+    scale = atol + rtol * y0.abs()
+    d0, d1 = torch.stack([norm(y0 / scale), norm(f0 / scale)]).tolist()
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    f1 = func(t0 + direction * h0, y0 + (direction * h0) * f0)
+    d2 = float(norm((f1 - f0) / scale)) / h0
+    if max(d1, d2) <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / max(d1, d2)) ** (1.0 / (order + 1))
+    return min(100 * h0, h1)
+
+
+def error_ratio(err: Tensor, abs_y: Tensor, y1: Tensor, rtol: float, atol: Tensor, norm: Norm) -> float:
+    """``norm(err / (atol + rtol * max(|y|, |y1|)))`` (``abs_y`` is ``|y|``, ``atol`` a 0-d tensor in
+    the state's dtype): a step is accepted
+    when it is at most 1; NaN (a rejection) when ``y1`` is not finite.
+
+    The finiteness test is needed because an overflowed ``y1`` can come with a finite ``err`` (a
+    constant field has ``err = 0``): its scale is inf, the ratio 0, and the step would be accepted.
+    Adding ``0 * y1`` changes nothing where ``y1`` is finite and puts NaN (``0 * inf``) into the norm
+    where it is not: one elementwise operation, and still the one host-device synchronisation per
+    step.
+    """
+    # Step-size control needs no gradients: every operand is detached, so no graph is recorded.
+    # rtol enters as alpha (an in-place multiply by a Python float would first copy it to a tensor).
+    y1 = y1.detach()
+    scale = torch.add(atol, torch.maximum(abs_y, y1.abs()), alpha=rtol)
+    scaled = torch.div(err.detach(), scale).add_(y1, alpha=0.0)
+    if norm is rms_norm:  # the root and the division on the host: two operations fewer
+        return float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1))
+    return float(norm(scaled))
+
+
+class StepControl:
+    """Step-size control for the adaptive methods: the guards before a step, the accept/reject
+    decision and the controller after it (HNW I, section II.4; PI control: HNW II, section IV.2).
+
+    ``k`` is one more than the lower order of the pair. I control: ``h_new = h * safety *
+    err^(-1/k)``. PI control (Gustafsson 1991): ``h_new = h * safety * err^(-0.7/k) *
+    err_prev^(0.4/k)``, which damps the oscillation of ``h`` between accepted and rejected steps.
+    It counts the steps in ``stats``.
+    """
+
+    adaptive = True
+    # A step the stepper cannot take (singular W): halve h, at most this many times in a row.
+    max_retries = 5
+
+    def __init__(self, options: dict, stepper: Stepper, t_out: Sequence[float], rtol: float, atol: float,
+                 norm: Norm, stats: SolverStats):
+        k = min(stepper.order, stepper.error_order) + 1
+        if options["controller"] == "pi":
+            self.beta1, self.beta2 = 0.7 / k, 0.4 / k
+        else:
+            self.beta1, self.beta2 = 1.0 / k, 0.0
+        self.exponent = 1.0 / k
+        self.order = stepper.order
+        self.prev_ratio = 1.0
+        self.safety, self.ifactor, self.dfactor = options["safety"], options["ifactor"], options["dfactor"]
+        self.max_step, self.min_step = options["max_step"], options["min_step"]
+        self.max_num_steps = options["max_num_steps"]
+        self.first = options["first_step"]
+        self.rtol, self.atol, self.norm = rtol, atol, norm
+        self.t_end, self.stats = t_out[-1], stats
+        self.direction = 1.0 if t_out[-1] >= t_out[0] else -1.0
+        self.last_rejected = self.nonfinite = False
+        # The product of the shrink factors over the current run of non-finite trial steps, and
+        # the number of non-finite trial steps in the solve; the current run of retries.
+        self.nonfinite_shrink, self.n_nonfinite, self.retries = 1.0, 0, 0
+        # |y| of the step's start, kept from the previous judgement (|y1| of the accepted step).
+        self._abs = (None, None)
+
+    def first_step(self, func, t0: float, y0: Tensor, f0: Tensor) -> float:
+        """Check that the start is finite; the first step size: ``options["first_step"]`` or
+        Hairer's estimate (:func:`_initial_step`)."""
+        check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
+        self.atol_tensor = torch.tensor(self.atol, dtype=y0.dtype, device=y0.device)
+        if self.first is not None:
+            return float(self.first)
+        with torch.no_grad():
+            return _initial_step(func, t0, y0.detach(), f0.detach(), self.direction, self.order, self.rtol,
+                                 self.atol, self.norm)
+
+    def next_step(self, t: float, h: float):
+        """The step to attempt from ``t``: ``(h, t1)`` after the step budget, ``max_step``, the end
+        of the interval and the underflow checks (each failure raises, naming ``t`` and ``h``)."""
+        stats, t_end = self.stats, self.t_end
+        if stats.n_accepted + stats.n_rejected >= self.max_num_steps:
+            # Creeping up to an overflow (the step shrinks each time it overshoots into inf) also
+            # ends here; say so rather than suggest stiffness.
+            cause = (f"{self.n_nonfinite} trial steps produced NaN or inf: the solution may blow up, or "
+                     "overflow the state's dtype, near this time. Otherwise the" if self.n_nonfinite else "The")
+            raise RuntimeError(
+                f"odeint: max_num_steps={self.max_num_steps} reached at t={t:.6g} (integrating to "
+                f"{t_end:.6g}; {stats.n_accepted} accepted, {stats.n_rejected} rejected steps, last "
+                f"h={h:.3g}). {cause} problem may be stiff or the tolerances too tight: loosen rtol/atol, "
+                "or raise the limit with options={'max_num_steps': ...}."
+            )
+        h = min(h, self.max_step, abs(t_end - t))
+        # Do not leave a sliver of the interval for a last, needlessly tiny step.
+        if abs(t_end - t) - h < 1e-3 * h:
+            h = abs(t_end - t)
+        t1 = t_end if h == abs(t_end - t) else t + self.direction * h
+        # The last test catches the run of non-finite trials the relative test misses at t = 0
+        # (there h <= 4 eps max(|t|, |t1|) = 4 eps h never holds, and h would shrink to 0).
+        if (h < self.min_step or h <= 4 * _EPS * max(abs(t), abs(t1))
+                or self.nonfinite_shrink < _NONFINITE_SHRINK):
+            if self.nonfinite:
+                raise FloatingPointError(
+                    f"odeint: step size underflow at t={t:.6g} (h={h:.3g}): every trial step produced "
+                    "NaN or inf. The solution blows up or overflows the state's dtype there, or the dynamics "
+                    "return non-finite values there."
+                )
+            raise RuntimeError(
+                f"odeint: step size underflow at t={t:.6g} (h={h:.3g}, min_step={self.min_step:.3g}). "
+                "The solution may blow up or be discontinuous there, or the problem may be stiff: "
+                "check the dynamics near this time."
+            )
+        return h, t1
+
+    def judge(self, step: Step) -> float:
+        """The error ratio of ``step``: accept when it is at most 1 (NaN: reject)."""
+        start, abs_start = self._abs
+        if start is not step.y:  # first step, or the previous step was accepted
+            abs_start = step.y.detach().abs()
+        self._abs = (step.y, abs_start)
+        return error_ratio(step.err, abs_start, step.y1, self.rtol, self.atol_tensor, self.norm)
+
+    def accept(self, ratio: float, t1: float) -> float:
+        """Count the step ending at ``t1``; the factor for ``h`` after it (error ratio ``ratio <= 1``)."""
+        self.stats.n_accepted += 1
+        self.stats.step_times.append(t1)
+        self.retries = 0
+        if ratio == 0.0:
+            factor = self.ifactor
+        else:
+            proposal = self.safety * ratio**-self.beta1 * self.prev_ratio**self.beta2
+            factor = min(self.ifactor, max(self.dfactor, proposal))
+        self.prev_ratio = max(ratio, 1e-4)
+        if self.last_rejected:
+            factor = min(factor, 1.0)
+        self.last_rejected = self.nonfinite = False
+        self.nonfinite_shrink = 1.0
+        return factor
+
+    def reject(self, ratio: float) -> float:
+        """Count a rejected step (``ratio > 1`` or NaN); the factor for ``h`` after it."""
+        self.stats.n_rejected += 1
+        self.nonfinite = not math.isfinite(ratio)
+        self.last_rejected = True
+        self.retries = 0
+        if self.nonfinite:  # the trial step overflowed: shrink hard and try again
+            self.nonfinite_shrink *= self.dfactor
+            self.n_nonfinite += 1
+            return self.dfactor
+        self.nonfinite_shrink = 1.0
+        return min(1.0, max(self.dfactor, self.safety * ratio**-self.exponent))
+
+    def retry(self, t: float, t1: float) -> float:
+        """Count a step the stepper could not take (a singular ``W``); the factor for ``h`` (1/2)."""
+        self.stats.n_rejected += 1
+        self.retries += 1
+        if self.retries > self.max_retries:
+            raise RuntimeError(
+                f"odeint: the Rosenbrock matrix W = I - h*gamma*J is singular at t={t:.6g} (h={t1 - t:.3g}) "
+                f"after halving the step {self.max_retries} times. The Jacobian df/dy is degenerate "
+                "there: check the dynamics, or use an explicit method such as 'dopri5'.")
+        self.last_rejected = True
+        return 0.5
+
+    def finish(self, outputs: Tensor, t_out: Sequence[float]) -> None:
+        """Raise if an output is not finite (accepted steps are, but dense output may overflow);
+        one synchronisation per solve."""
+        _check_outputs(outputs, t_out, lambda bad: t_out[bad])
+
+
+class FixedSteps:
+    """The fixed-step methods' controller: the steps are a grid, every step is accepted.
+
+    The grid is ``t_out`` itself, or, with ``options["step_size"] = dt``, ``t_0, t_0 + dt, ...`` up
+    to ``t_N`` (outputs in between come from the stepper's dense output). Nothing is read back to
+    the host while stepping: a per-step finiteness flag stays on the device, and :meth:`finish`
+    looks at the outputs once, naming the first step whose state was not finite.
+    """
+
+    adaptive = False
+
+    def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats):
+        t0, t1 = t_out[0], t_out[-1]
+        step_size = options["step_size"]
+        if step_size is None:
+            self.grid = list(t_out)
+        else:
+            direction = 1.0 if t1 >= t0 else -1.0
+            n = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
+            self.grid = [t0 + direction * i * step_size for i in range(n)] + [t1]
+        self.index, self.stats = 0, stats
+        self.direction = 1.0 if t1 >= t0 else -1.0
+        self.finite: List[Tensor] = []
+
+    def first_step(self, func, t0: float, y0: Tensor, f0: Tensor) -> float:
+        return 0.0
+
+    def next_step(self, t: float, h: float):
+        t1 = self.grid[self.index + 1]
+        return abs(t1 - t), t1
+
+    def judge(self, step: Step) -> float:
+        with torch.no_grad():
+            self.finite.append(torch.isfinite(step.y1).all())
+        return 0.0
+
+    def accept(self, ratio: float, t1: float) -> float:
+        self.index += 1
+        self.stats.n_accepted += 1
+        self.stats.step_times.append(t1)
+        return 1.0
+
+    def reject(self, ratio: float) -> float:  # never called: judge accepts every step
+        raise AssertionError("a fixed-step method does not reject steps")
+
+    def retry(self, t: float, t1: float) -> float:
+        raise AssertionError("a fixed-step method does not retry steps")
+
+    def finish(self, outputs: Tensor, t_out: Sequence[float]) -> None:
+        def first_bad_step(bad: int) -> float:
+            flags = torch.stack(self.finite).logical_not().nonzero().flatten().tolist() if self.finite else []
+            return self.grid[flags[0] + 1] if flags else t_out[bad]
+
+        _check_outputs(outputs, t_out, first_bad_step)
+
+
+def _check_outputs(outputs: Tensor, t_out: Sequence[float], where: Callable[[int], float]) -> None:
+    with torch.no_grad():
+        finite = torch.isfinite(outputs.reshape(len(t_out), -1)).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0])
+            check_finite(outputs[bad], "solution", where(bad))
+
+
+# ``hook(step, interpolate)``: ``interpolate(thetas)`` is the step's dense output at ``t + theta h``.
+AcceptHook = Callable[[Step, Callable[[Sequence[float]], Tensor]], None]
+
+
+# ``hook(t, y, h)``: a step of size ``h`` (signed) from ``(t, y)``, about to be attempted or just rejected.
+StepHook = Callable[[float, Tensor, float], None]
+
+
+def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequence[float],
+              on_accept: Sequence[AcceptHook] = (), on_attempt: Sequence[StepHook] = (),
+              on_reject: Sequence[StepHook] = ()) -> Tensor:
+    """Integrate ``y' = func(t, y)`` from ``t_out[0]`` and return ``y`` at every time in ``t_out``.
+
+    The loop: propose a step (``control.next_step``), take it (``stepper.attempt``), judge it
+    (``control.judge``: the error ratio, or 0 for a fixed step); if accepted, advance
+    (``stepper.accept``), call each hook in ``on_accept``, and emit every output time
+    in ``(t, t1]``: ``y1`` itself on an exact hit, else one batched ``stepper.dense`` call for all
+    the times inside the step. The steps never depend on the output times.
+
+    Args:
+        stepper: the method (see :class:`Stepper`).
+        control: a :class:`StepControl` or :class:`FixedSteps` built for this solve.
+        func: the dynamics on the flat state, ``func(t: float, y) -> Tensor`` like ``y``.
+        y0: the initial state, any shape ``(*S)``.
+        t_out: strictly monotonic output times (floats), ``t_out[0]`` the initial time.
+        on_accept: callables ``hook(step, interpolate)`` run after every accepted step (before its
+            outputs); ``interpolate(thetas)`` gives the states at ``step.t + theta * step.h``,
+            shape ``(len(thetas), *S)`` (what a quadrature along the solution or an event needs).
+        on_attempt, on_reject: callables ``hook(t, y, h)`` run before every attempted step and after
+            every rejected one (torchdiffeq's ``callback_step`` and ``callback_reject_step``).
+
+    Returns:
+        The states at ``t_out``, stacked: shape ``(len(t_out), *S)``, with ``[0]`` equal to ``y0``.
+    """
+    n_out = len(t_out)
+    if n_out == 1:
+        return y0.unsqueeze(0)
+    direction = control.direction
+    t_end = t_out[-1]
+    t, y = t_out[0], y0
+    f0 = stepper.start(func, t, y)
+    h = control.first_step(func, t, y, f0)
+    blocks = [y0.unsqueeze(0)]
+    j = 1
+    while j < n_out:
+        h, t1 = control.next_step(t, h)
+        for hook in on_attempt:
+            hook(t, y, t1 - t)
+        step = stepper.attempt(func, t, y, t1)
+        if step is None:  # the stepper could not take this step: retry a smaller one (counts as rejected)
+            for hook in on_reject:
+                hook(t, y, t1 - t)
+            h = h * control.retry(t, t1)
+            continue
+        ratio = control.judge(step)
+        if ratio <= 1.0:  # accept (False for NaN)
+            stepper.accept(func, step, t1 == t_end)
+            for hook in on_accept:
+                hook(step, lambda thetas, step=step: stepper.dense(func, step, thetas))
+            k = j
+            while k < n_out and (t_out[k] - t1) * direction <= 0:
+                k += 1
+            if k > j:  # outputs in (t, t1]
+                hit = t_out[k - 1] == t1
+                inside = k - 1 if hit else k
+                if inside > j:
+                    blocks.append(stepper.dense(func, step, [(s - t) / step.h for s in t_out[j:inside]]))
+                if hit:
+                    blocks.append(step.y1.unsqueeze(0))
+                j = k
+            t, y = t1, step.y1
+            h = h * control.accept(ratio, t1)
+        else:
+            for hook in on_reject:
+                hook(t, y, t1 - t)
+            h = h * control.reject(ratio)
+    outputs = torch.cat(blocks)
+    control.finish(outputs, t_out)
+    return outputs
