@@ -164,9 +164,9 @@ def _initial_step(func, t0, y0, f0, direction, order, rtol, atol, norm) -> float
     return min(100 * h0, h1)
 
 
-def error_ratio(err: Tensor, abs_y: Tensor, y1: Tensor, rtol: float, atol: Tensor, norm: Norm) -> float:
-    """``norm(err / (atol + rtol * max(|y|, |y1|)))`` (``abs_y`` is ``|y|``, ``atol`` a 0-d tensor in
-    the state's dtype): a step is accepted
+def error_ratio(err: Tensor, abs_y: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor, norm: Norm) -> float:
+    """``norm(err / (atol + rtol * max(|y|, |y1|)))`` (``abs_y`` is ``|y|``; ``rtol``, ``atol`` 0-d
+    tensors in the state's dtype): a step is accepted
     when it is at most 1; NaN (a rejection) when ``y1`` is not finite.
 
     The finiteness test is needed because an overflowed ``y1`` can come with a finite ``err`` (a
@@ -176,13 +176,10 @@ def error_ratio(err: Tensor, abs_y: Tensor, y1: Tensor, rtol: float, atol: Tenso
     step.
     """
     # Step-size control needs no gradients: every operand is detached, so no graph is recorded.
-    # rtol enters as alpha (an in-place multiply by a Python float would first copy it to a tensor).
+    # rtol and atol are 0-d tensors (a Python float would be copied into a tensor at every step).
     y1 = y1.detach()
-    scale = torch.add(atol, torch.maximum(abs_y, y1.abs()), alpha=rtol)
-    scaled = torch.div(err.detach(), scale).add_(y1, alpha=0.0)
-    if norm is rms_norm:  # the root and the division on the host: two operations fewer
-        return float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.numel(), 1))
-    return float(norm(scaled))
+    scale = torch.maximum(abs_y, y1.abs()).mul_(rtol).add_(atol)
+    return float(norm(torch.div(err.detach(), scale).add_(y1, alpha=0.0)))
 
 
 class StepControl:
@@ -227,6 +224,7 @@ class StepControl:
         """Check that the start is finite; the first step size: ``options["first_step"]`` or
         Hairer's estimate (:func:`_initial_step`)."""
         check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
+        self.rtol_tensor = torch.tensor(self.rtol, dtype=y0.dtype, device=y0.device)
         self.atol_tensor = torch.tensor(self.atol, dtype=y0.dtype, device=y0.device)
         if self.first is not None:
             return float(self.first)
@@ -277,7 +275,7 @@ class StepControl:
         if start is not step.y:  # first step, or the previous step was accepted
             abs_start = step.y.detach().abs()
         self._abs = (step.y, abs_start)
-        return error_ratio(step.err, abs_start, step.y1, self.rtol, self.atol_tensor, self.norm)
+        return error_ratio(step.err, abs_start, step.y1, self.rtol_tensor, self.atol_tensor, self.norm)
 
     def accept(self, ratio: float, t1: float) -> float:
         """Count the step ending at ``t1``; the factor for ``h`` after it (error ratio ``ratio <= 1``)."""
