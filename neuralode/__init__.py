@@ -8,6 +8,7 @@ import importlib as _importlib
 from . import adjoint, cnf, data, distributed, exercises, flows, latent, nets, poisson, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
+from .reversible import ReversibleStats, odeint_reversible
 from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
                   divergence_hutchinson)
 from .flows import PlanarFlow
@@ -24,7 +25,7 @@ from .training import (PROFILES, History, default_device, evaluate, fit, resolve
 __version__ = "0.1.0"
 
 __all__ = [
-    "odeint", "odeint_adjoint", "METHODS", "SolverStats", "AdjointStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
+    "odeint", "odeint_adjoint", "odeint_reversible", "METHODS", "SolverStats", "AdjointStats", "ReversibleStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
     "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
     "make_classifier", "count_parameters",
     "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
