@@ -39,16 +39,8 @@ class _Coefficients:
         self.stages = list(zip(self.c[1:], self.rows))  # (c_i, row i of a) for the stages after the first
         self.b = _nonzero(tableau.b)
         self.b_error_pairs = None if tableau.b_error is None else _nonzero(tableau.b_error)
-        # dense[m][i]: the coefficient of theta^(m+1) in b_i(theta), a (M, s) matrix for all stages.
+        # dense[m][i]: the coefficient of theta^(m+1) in b_i(theta).
         self.dense = None if tableau.dense is None else [[float(x) for x in col] for col in zip(*tableau.dense)]
-        self._dense_tensors = {}
-
-    def dense_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """:attr:`dense` as a tensor, made once per dtype and device."""
-        key = (dtype, device)
-        if key not in self._dense_tensors:
-            self._dense_tensors[key] = torch.tensor(self.dense, dtype=dtype, device=device)
-        return self._dense_tensors[key]
 
 
 def _nonzero(weights) -> List[Tuple[int, float]]:
@@ -134,28 +126,31 @@ class ExplicitRK:
 
         With the tableau's dense-output weights it is ``y + h sum_i b_i(theta) k_i`` (fourth order
         for dopri5 and tsit5); otherwise the cubic Hermite interpolant through ``(y, f(t, y))`` and
-        ``(y1, f(t1, y1))`` (third order). Either way one matrix product for all the ``thetas``.
+        ``(y1, f(t1, y1))`` (third order). All the ``thetas`` at once: one weighted sum of the basis
+        tensors, each weight a column over the thetas, so the operations per step do not grow with
+        the number of outputs in it, nothing is copied for the backward pass, and each output is the
+        same number whether or not autograd records (and however many outputs share the step).
         """
         y, h, co = step.y, step.h, self.co
         if co.dense is not None:
-            degree = len(co.dense)
-            powers = torch.tensor([[th ** (m + 1) for m in range(degree)] for th in thetas], dtype=y.dtype,
-                                  device=y.device)
-            weights = torch.mm(powers, co.dense_matrix(y.dtype, y.device))  # (m, s): b_i(theta)
-            basis = torch.stack(step.ks)
+            basis, offset = step.ks, y
+            rows = [[h * sum(col[i] * th ** (m + 1) for m, col in enumerate(co.dense)) for i in range(len(basis))]
+                    for th in thetas]
         else:
-            if self.f0 is None:  # the accepted step's end slope, also the next step's first stage
+            if self.f0 is None:  # the end slope, also the next step's first stage
                 self.f0 = func(step.t1, step.y1)
             # Hermite basis: y0 (1 - 3 th^2 + 2 th^3) + y1 (3 th^2 - 2 th^3) + h f0 th (1 - th)^2
             # + h f1 th^2 (th - 1).
+            basis, offset = [y, step.y1, step.ks[0], self.f0], None
             rows = [[1 - 3 * th * th + 2 * th**3, 3 * th * th - 2 * th**3,
                      h * (th - 2 * th * th + th**3), h * (th**3 - th * th)] for th in thetas]
-            weights = torch.tensor(rows, dtype=y.dtype, device=y.device)
-            basis = torch.stack([y, step.y1, step.ks[0], self.f0])
-            y = None
-        flat = basis.reshape(basis.shape[0], -1)
-        if y is None:
-            out = torch.mm(weights, flat)
+        # weights[i]: the column of basis i's weights over the thetas, shaped (m, 1, ..., 1) to broadcast.
+        weights = torch.tensor(rows, dtype=y.dtype, device=y.device).T.reshape(len(basis), len(thetas),
+                                                                               *[1] * y.dim()).unbind()
+        if offset is None:
+            out = basis[0] * weights[0]
         else:
-            out = torch.addmm(y.reshape(1, -1), weights, flat, alpha=h)
-        return out.reshape(len(thetas), *step.y.shape)
+            out = torch.addcmul(offset, weights[0], basis[0])
+        for w, k in zip(weights[1:], basis[1:]):
+            out.addcmul_(w, k)
+        return out
