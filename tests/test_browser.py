@@ -2,8 +2,8 @@
 
 Every page of the strict test build (the smoke-executed chapters) is opened as a reader would
 open it. The checks: no console errors, no request to another host, math typeset by the book's
-own MathJax with no raw TeX left in the prose, every image loaded, and the search page finding a
-term. A screenshot of every page goes to ``_build/screenshots/`` (or ``$SCREENSHOT_DIR``).
+own MathJax with no raw TeX left in the prose, every image loaded, every image with alt text
+that describes it, every figure of a chapter numbered, and the search page finding a term. A screenshot of every page goes to ``_build/screenshots/`` (or ``$SCREENSHOT_DIR``).
 
 Chromium comes from Debian (``apt-get install chromium``); Playwright drives it through
 ``executable_path``, so no browser is downloaded. Without Chromium the tests are skipped, and
@@ -144,6 +144,39 @@ def test_page_renders_offline(browser, site: str, path: str):
     chapter_pages = {f"book/{c.stem}.html" for c in chapters()}
     if path in chapter_pages:
         assert typeset > 0, f"{path}: a chapter with no typeset math (MathJax did not run?)"
+
+
+# An alt attribute that is only a file name is Sphinx's default (the image's path), not a description.
+_FILE_NAME_ALT = r"/\.(png|jpe?g|gif|svg|webp|pdf)$/i"
+
+
+@pytest.mark.parametrize("path", _pages())
+def test_figures_have_alt_text_and_numbers(browser, site: str, path: str):
+    """Every image says in words what it shows, and every figure of a chapter has a numbered caption.
+
+    A notebook cell's figure gets both from its metadata (myst-nb): ``mystnb.image.alt`` becomes the
+    image's alt text and ``mystnb.figure`` (``caption``, ``name``) wraps the output in a numbered
+    figure that the prose can cite with ``{numref}``. Without them Sphinx writes the image's file
+    path as its alt text, which this test rejects too.
+    """
+    visit = Visit(browser, site, path)
+    try:
+        no_alt = visit.page.evaluate(f"""() => Array.from(document.images).filter(img => {{
+                const alt = (img.getAttribute('alt') || '').trim();
+                return !alt || {_FILE_NAME_ALT}.test(alt) || alt === img.getAttribute('src');
+            }}).map(img => img.id || (img.getAttribute('src') || img.outerHTML).slice(0, 100))""")
+        # Images in cell outputs (plots, animations) must sit in a figure with a caption "Fig. N.M".
+        unnumbered = visit.page.evaluate("""() => Array.from(document.querySelectorAll('main .cell_output img'))
+            .filter(img => {
+                const figure = img.closest('figure');
+                const number = figure && figure.querySelector('figcaption .caption-number');
+                return !(number && /^Fig\\. \\d+(\\.\\d+)*/.test(number.textContent.trim()));
+            }).map(img => img.id || (img.getAttribute('src') || img.outerHTML).slice(0, 100))""")
+    finally:
+        visit.close()
+    assert not (no_alt or unnumbered), (
+        f"{path}: images without alt text that says what they show (set mystnb.image.alt): {no_alt}; "
+        f"output images outside a numbered figure (set mystnb.figure): {unnumbered}")
 
 
 def test_search_finds_a_term(browser, site: str):
