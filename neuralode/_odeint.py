@@ -16,6 +16,9 @@ from ._rosenbrock import JACOBIANS
 
 __all__ = ["odeint", "METHODS", "SolverStats"]
 
+#: The method ``odeint`` uses when ``method`` is not given, or is ``None`` (as torchdiffeq's).
+DEFAULT_METHOD = "dopri5"
+
 State = Union[Tensor, Tuple[Tensor, ...]]
 
 
@@ -135,6 +138,8 @@ class _Solver(NamedTuple):
 def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     """Check a method name, its tolerances and options; ``prefix`` names the arguments
     (``"adjoint_"`` for the adjoint's backward solve)."""
+    if method is None:  # torchdiffeq's spelling of the default method
+        method = DEFAULT_METHOD
     if not isinstance(method, str) or method not in REGISTRY:
         raise ValueError(f"odeint: unknown {prefix}method {method!r}; choose one of {', '.join(METHODS)}.")
     tableau = REGISTRY[method].tableau
@@ -156,7 +161,7 @@ def odeint(
     y0: State,
     t: Union[Tensor, Sequence[float]],
     *,
-    method: str = "dopri5",
+    method: Optional[str] = "dopri5",
     rtol: float = 1e-7,
     atol: float = 1e-9,
     options: Optional[dict] = None,
@@ -193,8 +198,9 @@ def odeint(
             tuple of such tensors (same dtype and device).
         t: output times, shape ``(T,)``, strictly increasing or strictly decreasing (integrate
             backwards in time). ``t[0]`` is the initial time.
-        method: one of :data:`METHODS`: fixed-step ``"euler"`` (order 1), ``"midpoint"`` (2),
-            ``"heun2"`` (2), ``"rk4"`` (4); adaptive embedded pairs ``"adaptive_heun"`` (2(1)),
+        method: one of :data:`METHODS` (``None`` means the default, ``"dopri5"``, as in
+            torchdiffeq): fixed-step ``"euler"`` (order 1), ``"midpoint"`` (2), ``"heun2"`` (2),
+            ``"rk4"`` (4, the classical scheme; torchdiffeq's ``"rk4"`` is the 3/8 rule); adaptive embedded pairs ``"adaptive_heun"`` (2(1)),
             ``"bosh3"`` (Bogacki-Shampine 3(2)), ``"dopri5"`` (Dormand-Prince 5(4), the
             default) and ``"tsit5"`` (Tsitouras 5(4)); for stiff problems the linearly implicit
             ``"rodas4"`` (Hairer-Wanner's RODAS, a Rosenbrock method of order 4(3), L-stable and

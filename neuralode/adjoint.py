@@ -59,7 +59,7 @@ def odeint_adjoint(
     y0: State,
     t: Union[Tensor, Sequence[float]],
     *,
-    method: str = "dopri5",
+    method: Optional[str] = "dopri5",
     rtol: float = 1e-7,
     atol: float = 1e-9,
     options: Optional[dict] = None,
