@@ -41,6 +41,14 @@ class _Coefficients:
         self.b_error_pairs = None if tableau.b_error is None else _nonzero(tableau.b_error)
         # dense[m][i]: the coefficient of theta^(m+1) in b_i(theta).
         self.dense = None if tableau.dense is None else [[float(x) for x in col] for col in zip(*tableau.dense)]
+        self._dense_tensors = {}
+
+    def dense_matrix(self, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """:attr:`dense` as an ``(M, s)`` tensor, made once per dtype and device."""
+        key = (dtype, device)
+        if key not in self._dense_tensors:
+            self._dense_tensors[key] = torch.tensor(self.dense, dtype=dtype, device=device)
+        return self._dense_tensors[key]
 
 
 def _nonzero(weights) -> List[Tuple[int, float]]:
@@ -134,8 +142,10 @@ class ExplicitRK:
         y, h, co = step.y, step.h, self.co
         if co.dense is not None:
             basis, offset = step.ks, y
-            rows = [[h * sum(col[i] * th ** (m + 1) for m, col in enumerate(co.dense)) for i in range(len(basis))]
-                    for th in thetas]
+            # h b_i(theta) for every theta and stage: the powers h theta^(m+1) times the coefficients.
+            powers = torch.tensor([[h * th ** (m + 1) for m in range(len(co.dense))] for th in thetas],
+                                  dtype=y.dtype, device=y.device)
+            columns = torch.mm(co.dense_matrix(y.dtype, y.device).T, powers.T)  # (s, m)
         else:
             if self.f0 is None:  # the end slope, also the next step's first stage
                 self.f0 = func(step.t1, step.y1)
@@ -144,9 +154,9 @@ class ExplicitRK:
             basis, offset = [y, step.y1, step.ks[0], self.f0], None
             rows = [[1 - 3 * th * th + 2 * th**3, 3 * th * th - 2 * th**3,
                      h * (th - 2 * th * th + th**3), h * (th**3 - th * th)] for th in thetas]
-        # weights[i]: the column of basis i's weights over the thetas, shaped (m, 1, ..., 1) to broadcast.
-        weights = torch.tensor(rows, dtype=y.dtype, device=y.device).T.reshape(len(basis), len(thetas),
-                                                                               *[1] * y.dim()).unbind()
+            columns = torch.tensor(rows, dtype=y.dtype, device=y.device).T  # (4, m)
+        # weights[i]: basis i's weights over the thetas, shaped (m, 1, ..., 1) to broadcast against it.
+        weights = columns.reshape(len(basis), len(thetas), *[1] * y.dim()).unbind()
         if offset is None:
             out = basis[0] * weights[0]
         else:
