@@ -30,8 +30,8 @@ from typing import Callable, List, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["SolverStats", "rms_norm", "combine", "Step", "Stepper", "StepControl", "FixedSteps", "integrate",
-           "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS"]
+__all__ = ["SolverStats", "rms_norm", "max_norm", "per_sample_norm", "combine", "Step", "Stepper", "StepControl",
+           "FixedSteps", "integrate", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS", "NORMS"]
 
 # ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
 Dynamics = Callable[[float, Tensor], Tensor]
@@ -49,8 +49,13 @@ ADAPTIVE_OPTIONS = {
     "ifactor": 10.0,  # largest growth of h in one step
     "dfactor": 0.2,  # largest shrink of h in one step
     "controller": "i",  # "i": h *= safety err^(-1/k); "pi": also remembers the last error
+    "norm": None,  # the error norm: None (RMS; per part for a tuple), a name of NORMS, or a callable
 }
 CONTROLLERS = ("i", "pi")
+#: Names of the built-in error norms (``options["norm"]``): RMS over every entry; the largest
+#: entry; the largest RMS over the samples of a batch (leading dimension), so that one sample's
+#: error cannot hide among the others.
+NORMS = ("rms", "max", "per_sample")
 
 _EPS = sys.float_info.epsilon
 # Every trial step since the last accepted one was NaN or inf and h has shrunk this much: give up.
@@ -86,6 +91,22 @@ class SolverStats:
 def rms_norm(x: Tensor) -> Tensor:
     """Root-mean-square of all entries: ``sqrt(mean(x**2))`` (HNW II.4, eq. 4.11)."""
     return torch.linalg.vector_norm(x) / math.sqrt(max(x.numel(), 1))
+
+
+def max_norm(x: Tensor) -> Tensor:
+    """The largest absolute entry (the infinity norm)."""
+    return x.abs().max() if x.numel() else x.new_zeros(())
+
+
+def per_sample_norm(x: Tensor) -> Tensor:
+    """``max_b rms(x[b])`` over the leading (batch) dimension of ``x``, shape ``(B, ...)``: the
+    worst sample decides. (The default RMS over all ``B x D`` entries lets one sample's error reach
+    about ``sqrt(B)`` times the tolerance when the others are easy.) A 0-d or 1-d ``x`` counts as one
+    sample per entry row: 1-d is treated as ``(B,)`` samples of one entry each."""
+    if x.dim() == 0 or x.numel() == 0:
+        return rms_norm(x)
+    rows = x.reshape(x.shape[0], -1)
+    return (torch.linalg.vector_norm(rows, dim=1) / math.sqrt(rows.shape[1])).max()
 
 
 def combine(y: Optional[Tensor], h: float, weights: Sequence[float], ks: Sequence[Tensor]) -> Tensor:
@@ -153,7 +174,7 @@ class Stepper(Protocol):
 def _initial_step(func, t0, y0, f0, direction, order, rtol, atol, norm) -> float:
     """Hairer's starting step size (HNW II.4, "Automatic step size control", steps a-f)."""
     scale = atol + rtol * y0.abs()
-    d0, d1 = torch.stack([norm(y0 / scale), norm(f0 / scale)]).tolist()
+    d0, d1 = float(norm(y0 / scale)), float(norm(f0 / scale))
     h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
     f1 = func(t0 + direction * h0, y0 + (direction * h0) * f0)
     d2 = float(norm((f1 - f0) / scale)) / h0

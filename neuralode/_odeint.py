@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import Refuse, refuse_double_backward
-from ._loop import CONTROLLERS, SolverStats, rms_norm
+from ._loop import CONTROLLERS, NORMS, SolverStats, max_norm, per_sample_norm, rms_norm
 from ._methods import METHODS, REGISTRY, Method, solve
 from ._rosenbrock import JACOBIANS
 
@@ -101,8 +101,12 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
         "dfactor": (lambda v: 0 < v < 1, "must lie in (0, 1): it is the largest shrink of h in one step "
                                          "(default 0.2); at 1 a rejected step is retried with the same h forever"),
     }
+    norm = merged.get("norm")
+    if norm is not None and not callable(norm) and norm not in NORMS:
+        raise ValueError(f"odeint: {name}['norm'] must be None (RMS; per part for a tuple state), one of {NORMS} "
+                         f"or a callable norm(x) -> scalar taking the scaled error in y0's structure, got {norm!r}.")
     for key, value in merged.items():
-        if value is None or key in ("controller", "jacobian"):
+        if value is None or key in ("controller", "jacobian", "norm"):
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             raise TypeError(f"odeint: {name}[{key!r}] must be a real number, got {value!r}.")
@@ -207,15 +211,23 @@ def odeint(
             stiffly accurate: each step factorises ``W = I - h/4 J`` with the exact Jacobian
             ``J = df/dy`` from autograd, so its steps are not limited by stability).
         rtol, atol: relative and absolute tolerances of the adaptive methods: a step is accepted
-            when ``y_{n+1}`` is finite and the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))``
-            is at most 1. ``atol`` must be positive (a zero component would have scale 0).
+            when ``y_{n+1}`` is finite and the norm (``options["norm"]``, by default the RMS) of
+            ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1. ``atol`` must be positive
+            (a zero component would have scale 0).
         options: fixed-step methods: ``step_size`` (default: step exactly between the times in
             ``t``; outputs inside a step come from cubic Hermite interpolation). Adaptive
             methods: ``first_step`` (default: Hairer's automatic choice), ``max_step``,
             ``min_step`` (``min_step <= first_step, max_step``), ``max_num_steps`` (default
             10 000), ``safety`` (0.9, in (0, 1]), ``ifactor`` (10, at least 1), ``dfactor`` (0.2,
             in (0, 1)), ``controller`` (``"i"``, the classical controller, or
-            ``"pi"``, proportional-integral control, which smooths the step sizes).
+            ``"pi"``, proportional-integral control, which smooths the step sizes), ``norm``
+            (the error norm: ``None``, the default, is the RMS over every entry of the state, each
+            part of a tuple state separately with the worst deciding; for a batch of independent
+            samples of shape ``(B, D)`` that averages over the batch, so one hard sample's error
+            can reach about ``sqrt(B)`` times the tolerance; ``"per_sample"`` takes the largest
+            RMS over the samples (the leading dimension) instead, ``"max"`` the largest entry, and
+            a callable ``norm(x) -> scalar`` gets the scaled error in ``y0``'s structure, as
+            torchdiffeq's ``options["norm"]``).
             ``"rodas4"`` takes the adaptive options and ``jacobian``: ``"full"`` (default, the
             ``N x N`` Jacobian of the whole state) or ``"batched"`` (a state of shape ``(B, D)``
             whose rows evolve independently, e.g. a batch through one network: ``B`` blocks of
@@ -332,12 +344,19 @@ class _Setup:
 
     @property
     def norm(self) -> Callable[[Tensor], Tensor]:
-        """The error norm: RMS over the state; for a tuple, each part on its own scale, the worst
-        part deciding."""
-        return self._tuple_norm if self.is_tuple else rms_norm
-
-    def _tuple_norm(self, x: Tensor) -> Tensor:
-        return torch.stack([rms_norm(c) for c in torch.split(x, self.sizes)]).max()
+        """The error norm on the engine's (flat) state, from ``options["norm"]``: by default RMS over
+        the state and, for a tuple, each part on its own scale, the worst part deciding; a built-in
+        name of ``NORMS`` (on a tuple, each part separately, the worst deciding); or the user's
+        callable, which receives the scaled error in ``y0``'s structure (as torchdiffeq's)."""
+        choice = self.options.get("norm")
+        if callable(choice):
+            return lambda x: choice(self.structure(x))
+        part_norm = {None: rms_norm, "rms": rms_norm, "max": max_norm, "per_sample": per_sample_norm}[choice]
+        if not self.flat:
+            return part_norm
+        if not self.is_tuple:
+            return lambda x: part_norm(x.view(self.shapes[0]))
+        return lambda x: torch.stack([part_norm(c) for c in self.unflatten(x)]).max()
 
     def call(self, t_tensor: Tensor, y: Tensor) -> Tensor:
         """``func`` on the engine's state ``y`` (flat or not), returned in the same layout."""

@@ -93,7 +93,7 @@ def odeint_adjoint(
             method, so on stiff problems use ``checkpoints``.
         seminorm: leave the parameter adjoint out of the backward error norm (fewer backward
             steps; the parameter gradient is then integrated at the accuracy the state and its
-            adjoint need).
+            adjoint need). torchdiffeq's ``adjoint_options={"norm": "seminorm"}`` does the same.
         checkpoints: ``None`` (default) for the backsolve adjoint: memory independent of the
             number of steps. An integer ``K >= 1`` splits ``[t_0, t_N]`` into ``K`` segments of equal
             length: the forward pass solves them one after another and keeps the ``K + 1``
@@ -114,6 +114,17 @@ def odeint_adjoint(
     """
     setup = _Setup(func, y0, t, method, rtol, atol, options, flat=True)
     params = _adjoint_params(func, adjoint_params)
+    if isinstance(adjoint_options, dict) and "norm" in adjoint_options:
+        # torchdiffeq's spelling of seminorm=True: adjoint_options={"norm": "seminorm"}.
+        adjoint_options = dict(adjoint_options)
+        choice = adjoint_options.pop("norm")
+        if choice == "seminorm":
+            seminorm = True
+        elif choice is not None:
+            raise ValueError(f"odeint_adjoint: adjoint_options['norm'] must be 'seminorm' (leave the parameters' "
+                             f"adjoint out of the backward error norm, as seminorm=True) or None, got {choice!r}; "
+                             "the backward solve's norm is otherwise the RMS of each of [z, a, a_theta], the worst "
+                             "deciding.")
     back_method = method if adjoint_method is None else adjoint_method
     back = _check_solver(back_method,
                          rtol if adjoint_rtol is None else adjoint_rtol,
