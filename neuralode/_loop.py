@@ -50,6 +50,8 @@ ADAPTIVE_OPTIONS = {
     "dfactor": 0.2,  # largest shrink of h in one step
     "controller": "i",  # "i": h *= safety err^(-1/k); "pi": also remembers the last error
     "norm": None,  # the error norm: None (RMS; per part for a tuple), a name of NORMS, or a callable
+    "step_t": None,  # times the steps must land on
+    "jump_t": None,  # discontinuities of f in t: steps land on them and restart there (no FSAL across)
 }
 CONTROLLERS = ("i", "pi")
 #: Names of the built-in error norms (``options["norm"]``): RMS over every entry; the largest
@@ -142,10 +144,11 @@ class Step:
     ``err`` its local error estimate (``None`` for a fixed-step method). A stepper subclasses it to
     keep what its dense output needs."""
 
-    __slots__ = ("t", "t1", "h", "y", "y1", "err")
+    __slots__ = ("t", "t1", "h", "y", "y1", "err", "jump")
 
     def __init__(self, t: float, t1: float, y: Tensor, y1: Tensor, err: Optional[Tensor]):
         self.t, self.t1, self.h, self.y, self.y1, self.err = t, t1, t1 - t, y, y1, err
+        self.jump = False  # does f jump at t1? (set by the loop; f(t1) then means the left limit)
 
 
 class Stepper(Protocol):
@@ -155,7 +158,8 @@ class Stepper(Protocol):
     automatic first step. ``start`` evaluates what the first step needs at ``(t0, y0)`` and returns
     ``f(t0, y0)``. ``attempt`` takes one step of size ``t1 - t`` from the last accepted state, or
     returns ``None`` when it cannot (a singular linear system: the controller retries smaller).
-    ``accept`` makes ``step`` the new starting point (``last``: no step follows). ``dense`` returns
+    ``accept`` makes ``step`` the new starting point (``last``: no step follows; ``start``: the time at
+    which to evaluate the next step's first stage afresh, just past a jump of ``f``). ``dense`` returns
     the states at ``t + theta h`` for the ``thetas`` in ``(0, 1)``, stacked: shape ``(m, *y.shape)``.
     """
 
@@ -166,7 +170,7 @@ class Stepper(Protocol):
 
     def attempt(self, func: Dynamics, t: float, y: Tensor, t1: float) -> Optional[Step]: ...
 
-    def accept(self, func: Dynamics, step: Step, last: bool) -> None: ...
+    def accept(self, func: Dynamics, step: Step, last: bool, start: Optional[float] = None) -> None: ...
 
     def dense(self, func: Dynamics, step: Step, thetas: Sequence[float]) -> Tensor: ...
 
@@ -240,6 +244,17 @@ class StepControl:
         self.nonfinite_shrink, self.n_nonfinite, self.retries = 1.0, 0, 0
         # |y| of the step's start, kept from the previous judgement (|y1| of the accepted step).
         self._abs = (None, None)
+        # Times the steps must land on, in the order they are reached (step_t and jump_t strictly
+        # inside the interval), and which of them are jumps of f.
+        t0, direction = t_out[0], self.direction
+
+        def inside(times):
+            return {float(s) for s in (times if times is not None else ()) if (s - t0) * direction > 0
+                    and (self.t_end - s) * direction > 0}
+
+        self.jumps = inside(options.get("jump_t"))
+        self.stops = sorted(self.jumps | inside(options.get("step_t")), key=lambda s: s * direction)
+        self.next_stop = 0
 
     def first_step(self, func, t0: float, y0: Tensor, f0: Tensor) -> float:
         """Check that the start is finite; the first step size: ``options["first_step"]`` or
@@ -268,11 +283,12 @@ class StepControl:
                 f"h={h:.3g}). {cause} problem may be stiff or the tolerances too tight: loosen rtol/atol, "
                 "or raise the limit with options={'max_num_steps': ...}."
             )
-        h = min(h, self.max_step, abs(t_end - t))
-        # Do not leave a sliver of the interval for a last, needlessly tiny step.
-        if abs(t_end - t) - h < 1e-3 * h:
-            h = abs(t_end - t)
-        t1 = t_end if h == abs(t_end - t) else t + self.direction * h
+        target = self.stops[self.next_stop] if self.next_stop < len(self.stops) else t_end
+        h = min(h, self.max_step, abs(target - t))
+        # Do not leave a sliver before the end (or a stop) for a needlessly tiny step.
+        if abs(target - t) - h < 1e-3 * h:
+            h = abs(target - t)
+        t1 = target if h == abs(target - t) else t + self.direction * h
         # The last test catches the run of non-finite trials the relative test misses at t = 0
         # (there h <= 4 eps max(|t|, |t1|) = 4 eps h never holds, and h would shrink to 0).
         if (h < self.min_step or h <= 4 * _EPS * max(abs(t), abs(t1))
@@ -298,8 +314,14 @@ class StepControl:
         self._abs = (step.y, abs_start)
         return error_ratio(step.err, abs_start, step.y1, self.rtol_tensor, self.atol_tensor, self.norm)
 
+    def is_jump(self, t1: float) -> bool:
+        """Does ``f`` jump at ``t1`` (one of ``options["jump_t"]``)?"""
+        return t1 in self.jumps
+
     def accept(self, ratio: float, t1: float) -> float:
         """Count the step ending at ``t1``; the factor for ``h`` after it (error ratio ``ratio <= 1``)."""
+        if self.next_stop < len(self.stops) and t1 == self.stops[self.next_stop]:
+            self.next_stop += 1
         self.stats.n_accepted += 1
         self.stats.step_times.append(t1)
         self.retries = 0
@@ -376,6 +398,9 @@ class FixedSteps:
     def next_step(self, t: float, h: float):
         t1 = self.grid[self.index + 1]
         return abs(t1 - t), t1
+
+    def is_jump(self, t1: float) -> bool:
+        return False
 
     def judge(self, step: Step) -> float:
         with torch.no_grad():
@@ -458,7 +483,12 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
         h, t1 = control.next_step(t, h)
         for hook in on_attempt:
             hook(t, y, t1 - t)
-        step = stepper.attempt(func, t, y, t1)
+        jump = control.is_jump(t1)
+        if jump:  # f jumps at t1: this step's stages see its left limit (torchdiffeq's perturb)
+            left = math.nextafter(t1, t)
+            step = stepper.attempt(lambda s, x: func(s if (t1 - s) * direction > 0 else left, x), t, y, t1)
+        else:
+            step = stepper.attempt(func, t, y, t1)
         if step is None:  # the stepper could not take this step: retry a smaller one (counts as rejected)
             for hook in on_reject:
                 hook(t, y, t1 - t)
@@ -466,7 +496,9 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
             continue
         ratio = control.judge(step)
         if ratio <= 1.0:  # accept (False for NaN)
-            stepper.accept(func, step, t1 == t_end)
+            step.jump = jump
+            # After a jump the next step starts afresh from f's right limit (no FSAL across it).
+            stepper.accept(func, step, t1 == t_end, math.nextafter(t1, t_end) if jump else None)
             for hook in on_accept:
                 hook(step, lambda thetas, step=step: stepper.dense(func, step, thetas))
             k = j

@@ -105,8 +105,11 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
     if norm is not None and not callable(norm) and norm not in NORMS:
         raise ValueError(f"odeint: {name}['norm'] must be None (RMS; per part for a tuple state), one of {NORMS} "
                          f"or a callable norm(x) -> scalar taking the scaled error in y0's structure, got {norm!r}.")
+    for key in ("step_t", "jump_t"):
+        if merged.get(key) is not None:
+            merged[key] = _check_stop_times(f"{name}[{key!r}]", merged[key])
     for key, value in merged.items():
-        if value is None or key in ("controller", "jacobian", "norm"):
+        if value is None or key in ("controller", "jacobian", "norm", "step_t", "jump_t"):
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             raise TypeError(f"odeint: {name}[{key!r}] must be a real number, got {value!r}.")
@@ -120,6 +123,17 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
             raise ValueError(f"odeint: {name}[{key!r}]={merged[key]!r} must be >= {name}['min_step']="
                              f"{merged['min_step']!r}; lower min_step or raise {key}.")
     return merged
+
+
+def _check_stop_times(name: str, value) -> list:
+    """``options["step_t"]`` or ``["jump_t"]``: finite times, as a list of floats (any order)."""
+    try:
+        times = torch.as_tensor(value.detach().cpu() if isinstance(value, Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"odeint: {name} must be a 1-D tensor or sequence of times ({exc}).") from None
+    if times.dim() > 1 or not bool(torch.isfinite(times).all()):
+        raise ValueError(f"odeint: {name} must be a 1-D collection of finite times, got shape {tuple(times.shape)}.")
+    return times.reshape(-1).tolist()
 
 
 def _check_tolerance(name: str, value) -> float:
@@ -227,7 +241,9 @@ def odeint(
             can reach about ``sqrt(B)`` times the tolerance; ``"per_sample"`` takes the largest
             RMS over the samples (the leading dimension) instead, ``"max"`` the largest entry, and
             a callable ``norm(x) -> scalar`` gets the scaled error in ``y0``'s structure, as
-            torchdiffeq's ``options["norm"]``).
+            torchdiffeq's ``options["norm"]``), ``step_t`` (times the steps land on) and
+            ``jump_t`` (times where ``f`` jumps: steps land on them, the step ending there evaluates
+            ``f`` just before, and the next starts afresh just after, with no FSAL reuse across).
             ``"rodas4"`` takes the adaptive options and ``jacobian``: ``"full"`` (default, the
             ``N x N`` Jacobian of the whole state) or ``"batched"`` (a state of shape ``(B, D)``
             whose rows evolve independently, e.g. a batch through one network: ``B`` blocks of

@@ -18,6 +18,7 @@ as one matrix product. The loop that drives the steps is :func:`neuralode._loop.
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -124,10 +125,14 @@ class ExplicitRK:
             err = _weighted(h, co.b_error_pairs, [k.detach() for k in ks])
         return _RKStep(t, t1, y, y1, err, ks)
 
-    def accept(self, func: Dynamics, step: _RKStep, last: bool) -> None:
+    def accept(self, func: Dynamics, step: _RKStep, last: bool, start: Optional[float] = None) -> None:
         # With FSAL the next step's first stage is this one's last; otherwise it is evaluated when
-        # needed (by the next step, or by the Hermite interpolant, which needs it at t1 too).
-        self.f0 = step.ks[-1] if self.fsal else None
+        # needed (by the next step, or by the Hermite interpolant, which needs it at t1 too). Past a
+        # jump of f it is evaluated afresh at ``start``, just after t1.
+        if start is not None:
+            self.f0 = func(start, step.y1)
+        else:
+            self.f0 = step.ks[-1] if self.fsal else None
 
     def dense(self, func: Dynamics, step: _RKStep, thetas: Sequence[float]) -> Tensor:
         """``y(t + theta h)`` for each ``theta``, stacked: ``(len(thetas), *y.shape)``.
@@ -147,11 +152,17 @@ class ExplicitRK:
                                   dtype=y.dtype, device=y.device)
             columns = torch.mm(co.dense_matrix(y.dtype, y.device).T, powers.T)  # (s, m)
         else:
-            if self.f0 is None:  # the end slope, also the next step's first stage
-                self.f0 = func(step.t1, step.y1)
+            if self.fsal:  # the end slope is the last stage (the left limit, if f jumps at t1)
+                f1 = step.ks[-1]
+            elif step.jump:
+                f1 = func(math.nextafter(step.t1, step.t), step.y1)
+            else:
+                if self.f0 is None:  # the end slope, also the next step's first stage
+                    self.f0 = func(step.t1, step.y1)
+                f1 = self.f0
             # Hermite basis: y0 (1 - 3 th^2 + 2 th^3) + y1 (3 th^2 - 2 th^3) + h f0 th (1 - th)^2
             # + h f1 th^2 (th - 1).
-            basis, offset = [y, step.y1, step.ks[0], self.f0], None
+            basis, offset = [y, step.y1, step.ks[0], f1], None
             rows = [[1 - 3 * th * th + 2 * th**3, 3 * th * th - 2 * th**3,
                      h * (th - 2 * th * th + th**3), h * (th**3 - th * th)] for th in thetas]
             columns = torch.tensor(rows, dtype=y.dtype, device=y.device).T  # (4, m)

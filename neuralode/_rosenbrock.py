@@ -482,12 +482,13 @@ class Rosenbrock:
         y1, err, us = _step(func, self.tab, t, y, self.f0, self.f_t, linear, h)
         return _RosenbrockStep(t, t1, y, y1, err, us, self.f0, self.jac, self.f_t)
 
-    def accept(self, func: Dynamics, step: _RosenbrockStep, last: bool) -> None:
-        # The next step's f, J and f_t, at its start (not needed after the last step).
+    def accept(self, func: Dynamics, step: _RosenbrockStep, last: bool, start: Optional[float] = None) -> None:
+        # The next step's f, J and f_t, at its start (not needed after the last step); past a jump
+        # of f, at ``start``, just after t1.
         if last:
             self.f0 = self.jac = self.f_t = None
         else:
-            self.f0, self.jac, self.f_t = self.jacobian(step.t1, step.y1)
+            self.f0, self.jac, self.f_t = self.jacobian(step.t1 if start is None else start, step.y1)
 
     def dense(self, func: Dynamics, step: _RosenbrockStep, thetas: Sequence[float]) -> Tensor:
         """The states at ``t + theta h``, stacked: rodas.f's extension on a stiff step, else the
@@ -498,7 +499,9 @@ class Rosenbrock:
             outs = [_rodas_dense(self.tab, step.y, step.y1, step.us, th) for th in thetas]
         else:
             f1 = self.f0
-            if f1 is None:  # an output inside the last step: f(t1, y1) is not known yet
+            if step.jump:  # the left limit of f at t1 (self.f0 is the right one)
+                f1 = func(math.nextafter(step.t1, step.t), step.y1)
+            elif f1 is None:  # an output inside the last step: f(t1, y1) is not known yet
                 f1 = func(step.t1, step.y1)
             ypp0 = _curvature(step.jac, step.f0, step.f_t, self.mode, self.shape)
             outs = [_quartic(step.y, step.y1, step.f0, f1, ypp0, step.h, th) for th in thetas]

@@ -112,3 +112,45 @@ def test_adjoint_options_seminorm_is_seminorm_true():
     assert all(torch.equal(a, b) for a, b in zip(stats["flag"][1], stats["option"][1]))
     with pytest.raises(ValueError, match="seminorm"):
         node.odeint_adjoint(Field(), y0, t, adjoint_options={"norm": "rms"})
+
+
+# method -> (rtol = atol, the error bound both libraries meet with jump_t)
+JUMP_CASES = {"dopri5": (1e-8, 1e-6), "bosh3": (1e-7, 2e-5), "adaptive_heun": (1e-5, 1e-3), "rodas4": (1e-8, 1e-6)}
+
+
+@pytest.mark.parametrize("method", list(JUMP_CASES))
+def test_jump_t_lands_on_the_jump_and_integrates_each_side_exactly(method):
+    # f switches at t = 1 from -y to 2 - y: without jump_t the controller finds the discontinuity by
+    # rejecting steps across it (10 to 25 here); with it one step ends there, the next starts afresh
+    # from the right limit, and the error meets the bound both libraries meet.
+    calls = []
+
+    def f(t, y):
+        calls.append(float(t.detach()))
+        return torch.where(t < 1.0, -y, 2.0 - y)
+
+    y0 = torch.tensor([1.0], dtype=F64)
+    t = torch.tensor([0.0, 0.5, 1.5, 3.0], dtype=F64)
+    e1 = torch.exp(torch.tensor(-1.0, dtype=F64))
+    exact = torch.stack([torch.exp(-t[i]) if t[i] < 1 else 2 - (2 - e1) * torch.exp(-(t[i] - 1)) for i in range(4)])
+    rtol, bound = JUMP_CASES[method]
+    tol = dict(rtol=rtol, atol=rtol, method=method)
+    ys, stats = node.odeint(f, y0, t, options={"jump_t": [1.0]}, return_stats=True, **tol)
+    plain, plain_stats = node.odeint(f, y0, t, return_stats=True, **tol)
+    assert 1.0 in stats.step_times
+    err, plain_err = (ys[:, 0] - exact).abs().max().item(), (plain[:, 0] - exact).abs().max().item()
+    assert err < bound, (err, plain_err)
+    assert stats.n_rejected < plain_stats.n_rejected
+    # The right limit is evaluated just after the jump (the left limit's last stage just before it).
+    assert any(1.0 < s < 1.0 + 1e-12 for s in calls) and any(1.0 - 1e-12 < s < 1.0 for s in calls)
+    if method != "rodas4":
+        theirs = torchdiffeq.odeint(f, y0, t, options={"jump_t": torch.tensor([1.0], dtype=F64)}, **tol)
+        assert (theirs[:, 0] - exact).abs().max().item() < bound
+
+
+def test_step_t_lands_on_the_given_times():
+    ys, stats = node.odeint(_decay, torch.ones(2, dtype=F64), [0.0, 2.0], options={"step_t": [0.3, 1.7, 5.0]},
+                            return_stats=True)
+    assert 0.3 in stats.step_times and 1.7 in stats.step_times and stats.step_times[-1] == 2.0
+    with pytest.raises(ValueError, match=r"step_t.*finite"):
+        node.odeint(_decay, torch.ones(2, dtype=F64), [0.0, 2.0], options={"step_t": [float("nan")]})
