@@ -11,6 +11,8 @@ The notebook tests are arranged so that each chapter executes as few times as po
 3. ``book_build`` builds the book with execution *off* from a copy of the sources in which
    ``book/*.ipynb`` are the smoke-executed notebooks, with ``-W -n --keep-going``: it renders and
    checks every warning without executing anything again.
+4. ``tests/test_checks_bite.py`` runs each chapter once more per planted bug (cut after the check
+   that must catch it), through :func:`papermill` with a ``sitecustomize`` on ``PYTHONPATH``.
 
 The fixtures are session-scoped and cached, so the order in which pytest runs the tests does not
 matter: whichever test needs a chapter's smoke run or the build first triggers it.
@@ -134,12 +136,25 @@ class Run:
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def run(args: list[str], *, cwd: Path | None = None) -> Run:
+def run(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None) -> Run:
+    """Run a command in :func:`notebook_env`, with ``env``'s variables added on top."""
     proc = subprocess.run(
-        args, cwd=cwd, env=notebook_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        text=True, stdin=subprocess.DEVNULL,
+        args, cwd=cwd, env={**notebook_env(), **(env or {})}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL,
     )
     return Run(args=[str(a) for a in args], returncode=proc.returncode, log=ANSI.sub("", proc.stdout))
+
+
+def papermill(notebook: Path, out: Path, workdir: Path, *, env: dict[str, str] | None = None) -> Run:
+    """Execute ``notebook`` into ``out`` in the smoke profile (kernel ``python3``, cwd ``workdir``)."""
+    out.unlink(missing_ok=True)
+    shutil.rmtree(workdir, ignore_errors=True)  # files a chapter writes stay out of book/
+    workdir.mkdir(parents=True)
+    return run([
+        sys.executable, "-m", "papermill", str(notebook), str(out),
+        "-p", "PROFILE", "smoke", "-k", "python3", "--cwd", str(workdir),
+        "--execution-timeout", str(SMOKE_CELL_TIMEOUT_S), "--no-progress-bar",
+    ], env=env)
 
 
 class SmokeRuns:
@@ -155,16 +170,7 @@ class SmokeRuns:
 
     def __call__(self, chapter: Path) -> Run:
         if chapter not in self._done:
-            out = self.output_path(chapter)
-            out.unlink(missing_ok=True)
-            workdir = SMOKE_DIR / "cwd" / chapter.stem  # files a chapter writes stay out of book/
-            shutil.rmtree(workdir, ignore_errors=True)
-            workdir.mkdir(parents=True)
-            self._done[chapter] = run([
-                sys.executable, "-m", "papermill", str(chapter), str(out),
-                "-p", "PROFILE", "smoke", "-k", "python3", "--cwd", str(workdir),
-                "--execution-timeout", str(SMOKE_CELL_TIMEOUT_S), "--no-progress-bar",
-            ])
+            self._done[chapter] = papermill(chapter, self.output_path(chapter), SMOKE_DIR / "cwd" / chapter.stem)
         return self._done[chapter]
 
 
