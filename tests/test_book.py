@@ -157,6 +157,18 @@ def build_pages(build: BookBuild) -> list[Path]:
 
 
 @pytest.mark.notebooks
+def test_pages_do_not_show_the_test_suites_output_markers(book_build: BookBuild):
+    # The cells keep "# NBVAL_CHECK_OUTPUT" for nbval; tools/page_fixes.py drops it from the pages.
+    pages = build_pages(book_build)
+    assert pages, f"the build produced no HTML in {book_build.html}"
+    shown = [p.relative_to(book_build.html) for p in pages if "NBVAL_CHECK_OUTPUT" in p.read_text(encoding="utf-8")]
+    assert not shown, f"pages that show the nbval marker: {shown}"
+    # ... and the code after the marker is still there, highlighted (chapter 2's closing check).
+    chapter = next(p for p in pages if p.stem == "02_solving_odes").read_text(encoding="utf-8")
+    assert "claims" in chapter and 'class="highlight' in chapter
+
+
+@pytest.mark.notebooks
 def test_pages_load_no_script_or_stylesheet_from_another_host(book_build: BookBuild):
     offenders = []
     for page, assets in _pages(book_build).items():
