@@ -74,14 +74,13 @@ pointing to ``no_grad``). First derivatives only: differentiating the gradients 
   q_2)\big)` with :math:`q_1, q_2` fixed combinations of :math:`u_1, \dots, u_5`. It is built
   from the damped increments, so it stays accurate when :math:`|h\lambda|` is huge; any
   interpolant built from slopes :math:`f` multiplies the solution's small distance from the slow
-  manifold by :math:`|h\lambda|` (cubic Hermite: error 0.16 on :math:`y' = -10^6 (y - \cos t)
-  - \sin t` at rtol 1e-6; with the curvature term below, 5e4).
+  manifold by :math:`|h\lambda|` (``test_dense_output_on_a_stiff_problem_stays_accurate`` in
+  ``tests/test_stiff.py`` checks the extension on a Prothero-Robinson problem).
 * non-stiff: the quartic through :math:`y_n, y_{n+1}` with slopes :math:`f_n, f_{n+1}` and
   curvature :math:`y''_n = J f_n + f_t` (all known: :math:`f_{n+1}` comes with the next step's
   Jacobian evaluation; only an output inside the very last step costs one evaluation). Local
-  error :math:`O(h^5)`, so outputs between steps converge at order 4; the ``rodas.f`` extension is
-  still pre-asymptotic there at moderate step counts (observed order 1.7-2.7 on the logistic
-  equation at 10-40 steps) and cubic Hermite reaches ~3.4.
+  error :math:`O(h^5)`, so outputs between steps converge at order 4, where the ``rodas.f``
+  extension (order 3) is still pre-asymptotic at moderate step counts.
 
 The threshold keeps the slope-based quartic where perturbations are amplified at most
 :math:`(h \lVert J \rVert)^2/2 \le 12.5` times.
