@@ -5,9 +5,10 @@ The notebook tests are arranged so that each chapter executes as few times as po
 1. ``smoke`` runs every chapter listed in ``_toc.yml`` once with papermill (``-p PROFILE smoke``,
    kernel ``python3`` of this interpreter) into ``_build/smoke/<name>.ipynb``. papermill fails on
    the first failing cell.
-2. ``tests/test_notebooks.py`` runs nbval (``--nbval-lax``) on each executed copy: a second
-   execution whose cells marked ``# NBVAL_CHECK_OUTPUT`` must print what they printed the first
-   time (a determinism check).
+2. A second, independent run of each chapter starts alongside the first (on the other core; the
+   appendix, which launches multi-process training, afterwards): ``tests/test_notebooks.py``
+   checks that its cells marked ``# NBVAL_CHECK_OUTPUT`` print what they printed in the first
+   run (nbval-lax's determinism check, without a third execution).
 3. ``book_build`` builds the book with execution *off* from a copy of the sources in which
    ``book/*.ipynb`` are the smoke-executed notebooks, with ``-W -n --keep-going``: it renders and
    checks every warning without executing anything again.
@@ -145,33 +146,79 @@ def run(args: list[str], *, cwd: Path | None = None, env: dict[str, str] | None 
     return Run(args=[str(a) for a in args], returncode=proc.returncode, log=ANSI.sub("", proc.stdout))
 
 
-def papermill(notebook: Path, out: Path, workdir: Path, *, env: dict[str, str] | None = None) -> Run:
-    """Execute ``notebook`` into ``out`` in the smoke profile (kernel ``python3``, cwd ``workdir``)."""
+def _papermill_command(notebook: Path, out: Path, workdir: Path) -> list[str]:
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
     shutil.rmtree(workdir, ignore_errors=True)  # files a chapter writes stay out of book/
     workdir.mkdir(parents=True)
-    return run([
+    return [
         sys.executable, "-m", "papermill", str(notebook), str(out),
         "-p", "PROFILE", "smoke", "-k", "python3", "--cwd", str(workdir),
         "--execution-timeout", str(SMOKE_CELL_TIMEOUT_S), "--no-progress-bar",
-    ], env=env)
+    ]
+
+
+def papermill(notebook: Path, out: Path, workdir: Path, *, env: dict[str, str] | None = None) -> Run:
+    """Execute ``notebook`` into ``out`` in the smoke profile (kernel ``python3``, cwd ``workdir``)."""
+    return run(_papermill_command(notebook, out, workdir), env=env)
+
+
+class _Background:
+    """A papermill run started in the background; ``result()`` waits for it."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.args, self.log = args, log
+        with open(log, "w", encoding="utf-8") as sink:
+            self.proc = subprocess.Popen(args, env=notebook_env(), stdout=sink, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, text=True)
+
+    def result(self) -> Run:
+        code = self.proc.wait()
+        return Run(args=[str(a) for a in self.args], returncode=code,
+                   log=ANSI.sub("", self.log.read_text(encoding="utf-8", errors="replace")))
 
 
 class SmokeRuns:
-    """Executes each chapter at most once per session (papermill, smoke profile)."""
+    """Executes each chapter at most once per session (papermill, smoke profile), and once more, at
+    the same time on the other core, for the reproducibility check (:meth:`replay`)."""
+
+    # Chapters whose second run is not started alongside the first: the appendix launches
+    # multi-process training with timeouts of its own, which a doubled load could trip.
+    SEQUENTIAL_REPLAY = {"appendix_distributed"}
 
     def __init__(self) -> None:
         self._done: dict[Path, Run] = {}
+        self._replays: dict[Path, object] = {}
         SMOKE_DIR.mkdir(parents=True, exist_ok=True)
 
     @staticmethod
     def output_path(chapter: Path) -> Path:
         return SMOKE_DIR / chapter.name
 
+    @staticmethod
+    def replay_path(chapter: Path) -> Path:
+        return SMOKE_DIR / "replay" / chapter.name
+
+    def _replay_args(self, chapter: Path) -> list[str]:
+        return _papermill_command(chapter, self.replay_path(chapter), SMOKE_DIR / "cwd-replay" / chapter.stem)
+
     def __call__(self, chapter: Path) -> Run:
         if chapter not in self._done:
+            if chapter.stem not in self.SEQUENTIAL_REPLAY:
+                log = SMOKE_DIR / "replay" / f"{chapter.stem}.log"
+                self._replays[chapter] = _Background(self._replay_args(chapter), log)
             self._done[chapter] = papermill(chapter, self.output_path(chapter), SMOKE_DIR / "cwd" / chapter.stem)
         return self._done[chapter]
+
+    def replay(self, chapter: Path) -> Run:
+        """A second, independent smoke run of ``chapter`` (into :meth:`replay_path`)."""
+        self(chapter)
+        pending = self._replays.get(chapter)
+        if isinstance(pending, _Background):
+            self._replays[chapter] = pending.result()
+        elif pending is None:
+            self._replays[chapter] = run(self._replay_args(chapter))
+        return self._replays[chapter]
 
 
 @pytest.fixture(scope="session")
