@@ -194,7 +194,9 @@ def test_mathjax_is_served_from_the_book(book_build: BookBuild):
 @pytest.mark.notebooks
 def test_launch_buttons_follow_repository_url(book_build: BookBuild):
     """No launch or repository link while repository.url is empty; Colab links once it is set."""
-    launch = re.compile(r"colab\.research\.google\.com|mybinder|jupyterhub|github\.com/.+/(blob|edit|issues)")
+    # The theme's buttons: launch (Colab, Binder, JupyterHub), source (/blob/), edit (/edit/) and
+    # "open an issue" (/issues/new). A citation of another project's issue (/issues/119) is no button.
+    launch = re.compile(r"colab\.research\.google\.com|mybinder|jupyterhub|github\.com/.+/(blob/|edit/|issues/new)")
     links = [
         f"{page.relative_to(book_build.html)}: {href}"
         for page, assets in _pages(book_build).items() for href in assets.hrefs if launch.search(href)
