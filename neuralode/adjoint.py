@@ -141,18 +141,20 @@ def odeint_adjoint(
     return (result, stats) if return_stats else result
 
 
-def _adjoint_params(func, adjoint_params) -> tuple:
+def _adjoint_params(func, adjoint_params, caller: str = "odeint_adjoint", inputs: str = "y0 (and t)") -> tuple:
+    """The tensors to differentiate besides the inputs: ``adjoint_params``, or ``func.parameters()``
+    for an ``nn.Module``; those that require grad. ``caller`` and ``inputs`` word the errors."""
     if adjoint_params is None:
         if not isinstance(func, nn.Module):
             raise ValueError(
-                "odeint_adjoint: func is a plain function, so its parameters cannot be found: pass "
+                f"{caller}: func is a plain function, so its parameters cannot be found: pass "
                 "adjoint_params=(tensor, ...) with the tensors to differentiate, or adjoint_params=() "
-                "when only y0 (and t) need gradients.")
+                f"when only {inputs} need{'s' if inputs == 'y0' else ''} gradients.")
         adjoint_params = tuple(func.parameters())
     params = tuple(adjoint_params)
     for i, p in enumerate(params):
         if not isinstance(p, Tensor):
-            raise TypeError(f"odeint_adjoint: adjoint_params[{i}] must be a tensor, got {type(p).__name__}.")
+            raise TypeError(f"{caller}: adjoint_params[{i}] must be a tensor, got {type(p).__name__}.")
     return tuple(p for p in params if p.requires_grad)
 
 

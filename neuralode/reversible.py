@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ._autograd import once_differentiable
 from ._loop import SolverStats
 from ._odeint import State, _Setup
+from .adjoint import _adjoint_params
 
 __all__ = ["odeint_reversible", "ReversibleStats"]
 
@@ -145,7 +146,7 @@ def odeint_reversible(
         raise ValueError(f"{_NAME}: step_size={step_size!r} over t[0]={setup.times[0]:.6g} .. t[-1]="
                          f"{setup.times[-1]:.6g} needs {total:,} steps, more than max_num_steps={max_num_steps:,}; "
                          "take a larger step_size or raise max_num_steps.")
-    params = _params(func, adjoint_params)
+    params = _adjoint_params(func, adjoint_params, _NAME, "y0")
     stats = ReversibleStats()
     ys = _Reversible.apply(setup, grid, stats, setup.y_start, *params)
     result = setup.stack(ys)
@@ -165,21 +166,6 @@ def _step_times(t_start: float, h: float, n: int, t_end: float) -> List[float]:
     """The grid ``t_start + k h``, ``k = 0..n``, with the end exactly ``t_end`` (the same list forward and
     backward, computed instead of stored)."""
     return [t_start + k * h for k in range(n)] + [t_end]
-
-
-def _params(func, adjoint_params) -> tuple:
-    if adjoint_params is None:
-        if not isinstance(func, nn.Module):
-            raise ValueError(
-                f"{_NAME}: func is a plain function, so its parameters cannot be found: pass "
-                "adjoint_params=(tensor, ...) with the tensors to differentiate, or adjoint_params=() "
-                "when only y0 needs gradients.")
-        adjoint_params = tuple(func.parameters())
-    params = tuple(adjoint_params)
-    for i, p in enumerate(params):
-        if not isinstance(p, Tensor):
-            raise TypeError(f"{_NAME}: adjoint_params[{i}] must be a tensor, got {type(p).__name__}.")
-    return tuple(p for p in params if p.requires_grad)
 
 
 def _unstable_message(t: float, what: str) -> str:
