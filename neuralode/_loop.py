@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Protocol, Sequence
+from typing import Callable, List, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -36,6 +36,8 @@ __all__ = ["SolverStats", "rms_norm", "max_norm", "per_sample_norm", "combine", 
 # ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
 Dynamics = Callable[[float, Tensor], Tensor]
 Norm = Callable[[Tensor], Tensor]
+# A tolerance: a number, or a tensor that broadcasts to the (engine's) state.
+Tolerance = Union[float, Tensor]
 
 #: Options accepted by the fixed-step methods, with their defaults.
 FIXED_OPTIONS = {"step_size": None}
@@ -191,7 +193,7 @@ def _initial_step(func, t0, y0, f0, direction, order, rtol, atol, norm) -> float
 
 def error_ratio(err: Tensor, abs_y: Tensor, y1: Tensor, rtol: Tensor, atol: Tensor, norm: Norm) -> float:
     """``norm(err / (atol + rtol * max(|y|, |y1|)))`` (``abs_y`` is ``|y|``; ``rtol``, ``atol`` 0-d
-    tensors in the state's dtype): a step is accepted
+    tensors in the state's dtype, or tensors that broadcast to it): a step is accepted
     when it is at most 1; NaN (a rejection) when ``y1`` is not finite.
 
     The finiteness test is needed because an overflowed ``y1`` can come with a finite ``err`` (a
@@ -221,7 +223,7 @@ class StepControl:
     # A step the stepper cannot take (singular W): halve h, at most this many times in a row.
     max_retries = 5
 
-    def __init__(self, options: dict, stepper: Stepper, t_out: Sequence[float], rtol: float, atol: float,
+    def __init__(self, options: dict, stepper: Stepper, t_out: Sequence[float], rtol: Tolerance, atol: Tolerance,
                  norm: Norm, stats: SolverStats):
         k = min(stepper.order, stepper.error_order) + 1
         if options["controller"] == "pi":
@@ -260,13 +262,14 @@ class StepControl:
         """Check that the start is finite; the first step size: ``options["first_step"]`` or
         Hairer's estimate (:func:`_initial_step`)."""
         check_finite(torch.cat([y0.reshape(-1), f0.reshape(-1)]), "initial state or its derivative", t0)
-        self.rtol_tensor = torch.tensor(self.rtol, dtype=y0.dtype, device=y0.device)
-        self.atol_tensor = torch.tensor(self.atol, dtype=y0.dtype, device=y0.device)
+        # 0-d tensors, or tensors that broadcast to the state (per-component tolerances).
+        self.rtol_tensor = torch.as_tensor(self.rtol, dtype=y0.dtype, device=y0.device)
+        self.atol_tensor = torch.as_tensor(self.atol, dtype=y0.dtype, device=y0.device)
         if self.first is not None:
             return float(self.first)
         with torch.no_grad():
-            return _initial_step(func, t0, y0.detach(), f0.detach(), self.direction, self.order, self.rtol,
-                                 self.atol, self.norm)
+            return _initial_step(func, t0, y0.detach(), f0.detach(), self.direction, self.order, self.rtol_tensor,
+                                 self.atol_tensor, self.norm)
 
     def next_step(self, t: float, h: float):
         """The step to attempt from ``t``: ``(h, t1)`` after the step budget, ``max_step``, the end

@@ -136,20 +136,49 @@ def _check_stop_times(name: str, value) -> list:
     return times.reshape(-1).tolist()
 
 
-def _check_tolerance(name: str, value) -> float:
+def _check_tolerance(name: str, value, positive: bool):
+    """A tolerance: a real number, a tensor, or a tuple of those (one per part of a tuple state),
+    every entry finite and >= 0 (> 0 when ``positive``). Returns a float, a detached tensor, or a
+    tuple of those; :meth:`_Setup.tolerance` lays a tensor out like the state."""
+    if isinstance(value, (tuple, list)):
+        if not value:
+            raise ValueError(f"odeint: {name} is an empty tuple; give a number, or one tolerance per part of y0.")
+        return tuple(_check_tolerance(f"{name}[{i}]", v, positive) for i, v in enumerate(value))
+    if isinstance(value, Tensor):
+        if not value.is_floating_point():
+            raise TypeError(f"odeint: {name} must be a real number or a floating-point tensor, got dtype {value.dtype}.")
+        value = value.detach()
+        bad = ~torch.isfinite(value) | (value <= 0 if positive else value < 0)
+        if bool(bad.any()):
+            raise ValueError(f"odeint: every entry of {name} must be finite and {'> 0' if positive else '>= 0'}, "
+                             f"got {value.flatten()[bad.flatten()][:3].tolist()}.")
+        return value
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
-        raise TypeError(f"odeint: {name} must be a real number, got {type(value).__name__}.")
+        raise TypeError(f"odeint: {name} must be a real number, a tensor or a tuple of those (one per part of a "
+                        f"tuple y0), got {type(value).__name__}.")
     if not value >= 0 or not math.isfinite(value):
         raise ValueError(f"odeint: {name} must be a finite number >= 0, got {value!r}.")
     return float(value)
+
+
+def _all_zero(tol) -> bool:
+    if isinstance(tol, tuple):
+        return all(_all_zero(t) for t in tol)
+    return not bool((tol != 0).any()) if isinstance(tol, Tensor) else tol == 0
+
+
+def _any_zero(tol) -> bool:
+    if isinstance(tol, tuple):
+        return any(_any_zero(t) for t in tol)
+    return bool((tol == 0).any()) if isinstance(tol, Tensor) else tol == 0
 
 
 class _Solver(NamedTuple):
     """A validated method with its tolerances and options (everything a solve needs but the state)."""
 
     method: Method
-    rtol: float
-    atol: float
+    rtol: Union[float, Tensor, tuple]
+    atol: Union[float, Tensor, tuple]
     options: dict
 
 
@@ -161,11 +190,11 @@ def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     if not isinstance(method, str) or method not in REGISTRY:
         raise ValueError(f"odeint: unknown {prefix}method {method!r}; choose one of {', '.join(METHODS)}.")
     tableau = REGISTRY[method].tableau
-    rtol = _check_tolerance(prefix + "rtol", rtol)
-    atol = _check_tolerance(prefix + "atol", atol)
-    if tableau.adaptive and rtol == 0 and atol == 0:
+    rtol = _check_tolerance(prefix + "rtol", rtol, positive=False)
+    atol = _check_tolerance(prefix + "atol", atol, positive=False)
+    if tableau.adaptive and _all_zero(rtol) and _all_zero(atol):
         raise ValueError(f"odeint: {prefix}rtol and {prefix}atol cannot both be 0 for an adaptive method.")
-    if tableau.adaptive and atol == 0:
+    if tableau.adaptive and _any_zero(atol):
         # A component that is 0 (common: zero-initialised augmented states, the adjoint's a_theta)
         # has error scale atol + rtol*|y| = 0; the error ratio is NaN and every step is rejected.
         raise ValueError(f"odeint: {prefix}atol must be > 0 for an adaptive method: a state component that "
@@ -226,8 +255,12 @@ def odeint(
             ``J = df/dy`` from autograd, so its steps are not limited by stability).
         rtol, atol: relative and absolute tolerances of the adaptive methods: a step is accepted
             when ``y_{n+1}`` is finite and the norm (``options["norm"]``, by default the RMS) of
-            ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1. ``atol`` must be positive
-            (a zero component would have scale 0).
+            ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at most 1. Each is a number, a tensor
+            that broadcasts to ``y0`` (one tolerance per component), or, for a tuple ``y0``, a tuple
+            with one such tolerance per part (as torchdiffeq's). ``atol`` must be positive (a zero
+            component would have scale 0). The default norm averages over every entry of the state,
+            so for a batch of independent samples the tolerance bounds the batch's average error,
+            not each sample's: see ``options["norm"]``.
         options: fixed-step methods: ``step_size`` (default: step exactly between the times in
             ``t``; outputs inside a step come from cubic Hermite interpolation). Adaptive
             methods: ``first_step`` (default: Hairer's automatic choice), ``max_step``,
@@ -345,12 +378,48 @@ class _Setup:
         self.parts = _check_state(y0)
         self.times = _check_times(t)
         self.method = solver.method
-        self.rtol, self.atol, self.options = solver.rtol, solver.atol, solver.options
+        self.options = solver.options
         self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
         self.shapes = [p.shape for p in self.parts]
         self.sizes = [p.numel() for p in self.parts]
         self.flat = flat or self.is_tuple
         self.y_start = self.flatten(self.parts) if self.flat else self.parts[0]
+        self.rtol, self.atol = self.tolerance("rtol", solver.rtol), self.tolerance("atol", solver.atol)
+
+    def tolerance(self, name: str, value) -> Union[float, Tensor]:
+        """A checked tolerance (see :func:`_check_tolerance`) in the engine's layout: a float stays one;
+        a tensor must broadcast to ``y0``'s shape (it is kept as given, or flattened with the state);
+        for a tuple state, a tuple (or 1-D tensor) of one tolerance per part, each broadcast to its
+        part, becomes one flat tensor like the state."""
+        if isinstance(value, float):
+            return value
+        if self.is_tuple:
+            n = len(self.parts)
+            if isinstance(value, Tensor) and value.dim() == 1 and value.numel() == n:
+                value = tuple(value.unbind())  # torchdiffeq's spelling: one entry per part
+            if not isinstance(value, tuple) or len(value) != n:
+                raise ValueError(f"odeint: y0 is a tuple of {n} tensors, so {name} must be a number or a tuple of "
+                                 f"{n} tolerances, one per part (each a number or a tensor broadcastable to the part), "
+                                 f"got {_describe(value)}.")
+            return torch.cat([self._broadcast(f"{name}[{i}]", v, shape).expand(shape).reshape(-1)
+                              for i, (v, shape) in enumerate(zip(value, self.shapes))])
+        if isinstance(value, tuple):
+            raise ValueError(f"odeint: {name} is a tuple, but y0 is a single tensor: give a number, or a tensor "
+                             f"broadcastable to y0's shape {tuple(self.shapes[0])}.")
+        tol = self._broadcast(name, value, self.shapes[0])
+        return tol.expand(self.shapes[0]).reshape(-1) if self.flat else tol
+
+    def _broadcast(self, name: str, value, shape: torch.Size) -> Tensor:
+        """``value`` as a tensor in the state's dtype and device that broadcasts to ``shape``."""
+        tol = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        try:
+            ok = torch.broadcast_shapes(tol.shape, shape) == shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"odeint: {name} has shape {tuple(tol.shape)}, which does not broadcast to the state's "
+                             f"shape {tuple(shape)}; give one tolerance per entry, or a shape that broadcasts.")
+        return tol
 
     def flatten(self, parts: Sequence[Tensor]) -> Tensor:
         return torch.cat([p.reshape(-1) for p in parts]) if len(parts) > 1 else parts[0].reshape(-1)
@@ -468,6 +537,12 @@ class _Setup:
         parts = tuple(chunk.reshape(len(ys), *shape)
                       for chunk, shape in zip(torch.split(stacked, self.sizes, dim=1), self.shapes))
         return parts if self.is_tuple else parts[0]
+
+
+def _describe(value) -> str:
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a tuple of {len(value)}" if isinstance(value, tuple) else repr(value)
 
 
 def _check_output(out, index: int, shape, dtype, is_tuple: bool) -> None:

@@ -65,8 +65,8 @@ def odeint_adjoint(
     options: Optional[dict] = None,
     adjoint_params: Optional[Sequence[Tensor]] = None,
     adjoint_method: Optional[str] = None,
-    adjoint_rtol: Optional[float] = None,
-    adjoint_atol: Optional[float] = None,
+    adjoint_rtol: Optional[Union[float, Tensor, tuple]] = None,
+    adjoint_atol: Optional[Union[float, Tensor, tuple]] = None,
     adjoint_options: Optional[dict] = None,
     seminorm: bool = False,
     checkpoints: Optional[int] = None,
@@ -86,7 +86,9 @@ def odeint_adjoint(
             ``t``). Defaults to ``func.parameters()`` when ``func`` is an ``nn.Module``; a plain
             function must name them (``()`` when only ``y0`` matters).
         adjoint_method, adjoint_rtol, adjoint_atol, adjoint_options: the backward solve's
-            settings; each defaults to its forward counterpart. With ``"rodas4"`` the backward
+            settings; each defaults to its forward counterpart. A per-component tolerance (a tensor,
+            or one per part of a tuple state) applies to the state and to its adjoint alike, and its
+            smallest entry to the parameters' adjoint. With ``"rodas4"`` the backward
             solve of the augmented state is implicit too (with the full Jacobian of the augmented
             system, even when the forward pass uses ``jacobian="batched"``); but reconstructing
             ``z`` backwards grows like ``exp(|lambda| t)`` in stiff directions whatever the
@@ -303,6 +305,10 @@ def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
         return torch.stack([rms_norm(c) for c in chunks if c.numel()]).max()
 
     back_stats = SolverStats()
+    # A per-component tolerance of the state applies to z and to a (the same components), and its
+    # smallest entry to a_theta.
+    rtol, atol = (_augmented_tolerance(tol, 0 if quadrature else sum(sizes[2:]))
+                  for tol in (setup.tolerance("adjoint_rtol", back.rtol), setup.tolerance("adjoint_atol", back.atol)))
     options = back.options
     if options.get("jacobian") == "batched":
         # The augmented state [z, a, a_theta] is flat and its rows are coupled through a_theta.
@@ -313,8 +319,8 @@ def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
     with torch.no_grad():
         for i in range(n - 1, 0, -1):
             x = torch.cat([ys[i], a] if quadrature else [ys[i], a, a_params])
-            x = solve(back.method, augmented, x, [setup.times[i], setup.times[i - 1]], rtol=back.rtol,
-                      atol=back.atol, norm=norm, options=options, stats=back_stats, on_accept=hooks)[-1]
+            x = solve(back.method, augmented, x, [setup.times[i], setup.times[i - 1]], rtol=rtol,
+                      atol=atol, norm=norm, options=options, stats=back_stats, on_accept=hooks)[-1]
             # Keep the forward pass's z(t_{i-1}); add the loss's direct dependence on it.
             a = x[dim:2 * dim] + grad_ys[i - 1]
             if not quadrature:
@@ -323,6 +329,15 @@ def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
     stats.backward_n_rejected += back_stats.n_rejected
     grads = torch.split(a_params, sizes[2:])
     return a, [g.view_as(p).to(p.dtype) for g, p in zip(grads, params)]
+
+
+def _augmented_tolerance(tol, n_params: int):
+    """The tolerance of the backward state ``[z, a, a_theta]`` (``n_params`` entries of ``a_theta``;
+    0 when it is a quadrature) from the state's: a number stays one; a flat per-component tensor
+    ``(D,)`` serves ``z`` and ``a``, and its smallest entry every entry of ``a_theta``."""
+    if not isinstance(tol, Tensor):
+        return tol
+    return torch.cat([tol, tol, tol.min().expand(n_params)])
 
 
 def _resolve_segments(setup, k, stats, states, grad_ys, params):
