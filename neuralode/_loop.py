@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["SolverStats", "rms_norm", "max_norm", "per_sample_norm", "combine", "Step", "Stepper", "StepControl",
-           "FixedSteps", "integrate", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS", "NORMS"]
+           "FixedSteps", "integrate", "FIXED_OPTIONS", "ADAPTIVE_OPTIONS", "CONTROLLERS", "NORMS",
+           "INTERPOLANTS"]
 
 # ``f(t, y)`` with ``t`` a Python float and ``y`` the flat state; the front door builds it.
 Dynamics = Callable[[float, Tensor], Tensor]
@@ -39,8 +40,15 @@ Norm = Callable[[Tensor], Tensor]
 # A tolerance: a number, or a tensor that broadcasts to the (engine's) state.
 Tolerance = Union[float, Tensor]
 
-#: Options accepted by the fixed-step methods, with their defaults.
-FIXED_OPTIONS = {"step_size": None}
+#: Options accepted by the fixed-step methods, with their defaults (torchdiffeq's four, and a step budget).
+FIXED_OPTIONS = {
+    "step_size": None,  # None: step exactly between the output times (or on grid_constructor's grid)
+    "grid_constructor": None,  # grid_constructor(func, y0, t) -> the step grid, from t[0] to t[-1]
+    "interp": "cubic",  # outputs inside a step: "cubic" (Hermite) or "linear" (torchdiffeq's default)
+    "perturb": False,  # True: each step sees f just inside (t_n, t_n+1), as if f jumped at every grid point
+    "max_num_steps": None,  # None: no limit (the grid is known); an event search stops at 10 000
+}
+INTERPOLANTS = ("cubic", "linear")
 #: Options accepted by the adaptive methods, with their defaults.
 ADAPTIVE_OPTIONS = {
     "first_step": None,  # None: Hairer's automatic choice
@@ -220,6 +228,7 @@ class StepControl:
     """
 
     adaptive = True
+    perturb = False  # jumps of f are at options["jump_t"] only
     # A step the stepper cannot take (singular W): halve h, at most this many times in a row.
     max_retries = 5
 
@@ -374,36 +383,55 @@ class StepControl:
 class FixedSteps:
     """The fixed-step methods' controller: the steps are a grid, every step is accepted.
 
-    The grid is ``t_out`` itself, or, with ``options["step_size"] = dt``, ``t_0, t_0 + dt, ...`` up
-    to ``t_N`` (outputs in between come from the stepper's dense output). Nothing is read back to
-    the host while stepping: a per-step finiteness flag stays on the device, and :meth:`finish`
-    looks at the outputs once, naming the first step whose state was not finite.
+    The grid is ``t_out`` itself; or, with ``options["step_size"] = dt``, ``t_0, t_0 + dt, ...`` up
+    to ``t_N`` (generated as it is used, so ``t_N`` may be infinite: an event search); or
+    ``options["grid"](t_out)``, a list (the front door's wrapping of ``grid_constructor``). Outputs in between come
+    from the stepper's dense output. With ``options["perturb"]`` every grid point is treated as a jump
+    of ``f`` (see :func:`integrate`). Nothing is read back to the host while stepping: a per-step
+    finiteness flag stays on the device, and :meth:`finish` looks at the outputs once, naming the
+    first step whose state was not finite.
     """
 
     adaptive = False
 
     def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats):
         t0, t1 = t_out[0], t_out[-1]
-        step_size = options["step_size"]
-        if step_size is None:
-            self.grid = list(t_out)
-        else:
-            direction = 1.0 if t1 >= t0 else -1.0
-            n = max(1, math.ceil(abs(t1 - t0) / step_size - 1e-9))
-            self.grid = [t0 + direction * i * step_size for i in range(n)] + [t1]
-        self.index, self.stats = 0, stats
         self.direction = 1.0 if t1 >= t0 else -1.0
+        self.step_size = options["step_size"]
+        self.grid = options["grid"](t_out) if options.get("grid") is not None else None
+        if self.step_size is None and self.grid is None:
+            self.grid = list(t_out)
+        self.t0, self.t_end = t0, t1
+        # The number of steps: the grid's, or enough steps of step_size to reach t_end.
+        self.n_steps = (len(self.grid) - 1 if self.grid is not None else
+                        math.inf if math.isinf(t1) else max(1, math.ceil(abs(t1 - t0) / self.step_size - 1e-9)))
+        self.limit = options.get("max_num_steps")
+        if self.limit is not None and self.n_steps > self.limit and not math.isinf(self.n_steps):
+            raise RuntimeError(
+                f"odeint: max_num_steps={self.limit} would be reached at t={self.point(self.limit):.6g}: the grid "
+                f"from {t0:.6g} to {t1:.6g} has {self.n_steps} steps. Raise options['max_num_steps'] or the step size.")
+        self.perturb = bool(options.get("perturb", False))
+        self.index, self.stats = 0, stats
         self.finite: List[Tensor] = []
+
+    def point(self, i: int) -> float:
+        """The ``i``-th grid point."""
+        if self.grid is not None:
+            return self.grid[i]
+        return self.t_end if i >= self.n_steps else self.t0 + self.direction * i * self.step_size
 
     def first_step(self, func, t0: float, y0: Tensor, f0: Tensor) -> float:
         return 0.0
 
     def next_step(self, t: float, h: float):
-        t1 = self.grid[self.index + 1]
+        if self.limit is not None and self.index >= self.limit:
+            raise RuntimeError(f"odeint: max_num_steps={self.limit} reached at t={t:.6g} (integrating to "
+                               f"{self.t_end:.6g}); raise options['max_num_steps'].")
+        t1 = self.point(self.index + 1)
         return abs(t1 - t), t1
 
     def is_jump(self, t1: float) -> bool:
-        return False
+        return self.perturb and t1 != self.t_end
 
     def judge(self, step: Step) -> float:
         with torch.no_grad():
@@ -425,7 +453,7 @@ class FixedSteps:
     def finish(self, outputs: Tensor, t_out: Sequence[float]) -> None:
         def first_bad_step(bad: int) -> float:
             flags = torch.stack(self.finite).logical_not().nonzero().flatten().tolist() if self.finite else []
-            return self.grid[flags[0] + 1] if flags else t_out[bad]
+            return self.point(flags[0] + 1) if flags else t_out[bad]
 
         _check_outputs(outputs, t_out, first_bad_step)
 
@@ -478,7 +506,8 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
     direction = control.direction
     t_end = t_out[-1]
     t, y = t_out[0], y0
-    f0 = stepper.start(func, t, y)
+    # With perturb (fixed steps), even the first step sees f just after t_0.
+    f0 = stepper.start(func, math.nextafter(t, t_end) if control.perturb else t, y)
     h = control.first_step(func, t, y, f0)
     blocks = [y0.unsqueeze(0)]
     j = 1
@@ -501,7 +530,7 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
         if ratio <= 1.0:  # accept (False for NaN)
             step.jump = jump
             # After a jump the next step starts afresh from f's right limit (no FSAL across it).
-            stepper.accept(func, step, t1 == t_end, math.nextafter(t1, t_end) if jump else None)
+            stepper.accept(func, step, t1 == t_end, math.nextafter(t1, t_end) if jump and t1 != t_end else None)
             for hook in on_accept:
                 hook(step, lambda thetas, step=step: stepper.dense(func, step, thetas))
             k = j

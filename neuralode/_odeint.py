@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import Refuse, refuse_double_backward
-from ._loop import CONTROLLERS, NORMS, SolverStats, max_norm, per_sample_norm, rms_norm
+from ._loop import CONTROLLERS, INTERPOLANTS, NORMS, SolverStats, max_norm, per_sample_norm, rms_norm
 from ._methods import METHODS, REGISTRY, Method, solve
 from ._rosenbrock import JACOBIANS
 
@@ -93,7 +93,7 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
         "step_size": (lambda v: v > 0, "must be positive"),
         "first_step": (lambda v: v > 0, "must be positive"),
         "max_step": (lambda v: v > 0, "must be positive"),
-        "max_num_steps": (lambda v: v > 0, "must be positive"),
+        "max_num_steps": (lambda v: v > 0 and v == int(v), "must be a positive integer"),
         "min_step": (lambda v: 0 <= v < math.inf, "must be finite and >= 0"),
         "safety": (lambda v: 0 < v <= 1, "must lie in (0, 1]: it scales every proposed step down (default 0.9)"),
         "ifactor": (lambda v: v >= 1, "must be >= 1: it is the largest growth of h in one step (default 10); "
@@ -108,8 +108,21 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
     for key in ("step_t", "jump_t"):
         if merged.get(key) is not None:
             merged[key] = _check_stop_times(f"{name}[{key!r}]", merged[key])
+    if "interp" in merged and merged["interp"] not in INTERPOLANTS:
+        raise ValueError(f"odeint: {name}['interp'] must be one of {INTERPOLANTS} (how outputs between grid points "
+                         f"are interpolated), got {merged['interp']!r}.")
+    if "perturb" in merged and not isinstance(merged["perturb"], bool):
+        raise TypeError(f"odeint: {name}['perturb'] must be True or False, got {merged['perturb']!r}.")
+    if merged.get("grid_constructor") is not None:
+        if not callable(merged["grid_constructor"]):
+            raise TypeError(f"odeint: {name}['grid_constructor'] must be callable as grid_constructor(func, y0, t), "
+                            f"got {type(merged['grid_constructor']).__name__}.")
+        if merged.get("step_size") is not None:
+            raise ValueError(f"odeint: give {name}['step_size'] or {name}['grid_constructor'], not both: each "
+                             "defines the step grid.")
     for key, value in merged.items():
-        if value is None or key in ("controller", "jacobian", "norm", "step_t", "jump_t"):
+        if value is None or key in ("controller", "jacobian", "norm", "step_t", "jump_t", "interp", "perturb",
+                                    "grid_constructor"):
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             raise TypeError(f"odeint: {name}[{key!r}] must be a real number, got {value!r}.")
@@ -262,7 +275,12 @@ def odeint(
             so for a batch of independent samples the tolerance bounds the batch's average error,
             not each sample's: see ``options["norm"]``.
         options: fixed-step methods: ``step_size`` (default: step exactly between the times in
-            ``t``; outputs inside a step come from cubic Hermite interpolation). Adaptive
+            ``t``), or ``grid_constructor`` (``grid_constructor(func, y0, t)`` returns the step grid,
+            from ``t[0]`` to ``t[-1]``; ``t`` a float64 tensor), ``interp`` (outputs inside a step:
+            ``"cubic"``, the default, Hermite interpolation through the step's ends and slopes;
+            ``"linear"``, torchdiffeq's default, the chord), ``perturb`` (``True``: every step
+            evaluates ``f`` just after its start and just before its end, so a jump of ``f`` on a grid
+            point is seen from the right side), ``max_num_steps`` (default: no limit). Adaptive
             methods: ``first_step`` (default: Hairer's automatic choice), ``max_step``,
             ``min_step`` (``min_step <= first_step, max_step``), ``max_num_steps`` (default
             10 000), ``safety`` (0.9, in (0, 1]), ``ifactor`` (10, at least 1), ``dfactor`` (0.2,
@@ -385,6 +403,34 @@ class _Setup:
         self.flat = flat or self.is_tuple
         self.y_start = self.flatten(self.parts) if self.flat else self.parts[0]
         self.rtol, self.atol = self.tolerance("rtol", solver.rtol), self.tolerance("atol", solver.atol)
+        self.options = self.with_grid(self.options)
+
+    def with_grid(self, options: dict, name: str = "options") -> dict:
+        """``options`` with the step grid of ``options["grid_constructor"]`` ready for the engine: under
+        the key ``"grid"``, a function of the solve's output times that calls
+        ``grid_constructor(func, y0, t)`` (``t`` a float64 tensor on the state's device, ``y0`` in the
+        user's structure) and checks that the grid runs from ``t[0]`` to ``t[-1]`` in ``t``'s direction."""
+        constructor = options.get("grid_constructor")
+        if constructor is None:
+            return options
+        y0 = self.parts if self.is_tuple else self.parts[0]
+
+        def grid(t_out: Sequence[float]) -> list:
+            times = torch.tensor(t_out, dtype=torch.float64, device=self.device)
+            where = f"odeint: {name}['grid_constructor'](func, y0, t)"
+            try:
+                points = _check_times(constructor(self.func, y0, times))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{where} must return a valid step grid: {exc}") from None
+            forward = t_out[-1] >= t_out[0]
+            if points[0] != t_out[0] or points[-1] != t_out[-1] or len(points) < 2 or \
+                    (points[-1] > points[0]) != forward:
+                raise ValueError(f"{where} must return a grid from t[0]={t_out[0]:.6g} to t[-1]={t_out[-1]:.6g} "
+                                 f"(exactly, in t's direction), got one from {points[0]:.6g} to {points[-1]:.6g} "
+                                 f"with {len(points)} points.")
+            return points
+
+        return {**options, "grid": grid}
 
     def tolerance(self, name: str, value) -> Union[float, Tensor]:
         """A checked tolerance (see :func:`_check_tolerance`) in the engine's layout: a float stays one;
@@ -505,14 +551,18 @@ class _Setup:
         parts = self.unflatten(y)
         return parts if self.is_tuple else parts[0]
 
-    def callbacks(self) -> dict:
+    def callbacks(self, suffix: str = "", state: Optional[Callable[[Tensor], object]] = None) -> dict:
         """torchdiffeq's step callbacks, when ``func`` has them, as hooks of the integration loop:
         ``func.callback_step(t0, y0, dt)`` before every attempted step, ``callback_accept_step`` and
         ``callback_reject_step`` (same arguments) after every accepted and rejected one; ``t0``
-        and ``dt`` are 0-d tensors like the time ``func`` gets, ``y0`` has ``y0``'s structure."""
+        and ``dt`` are 0-d tensors like the time ``func`` gets, ``y0`` has ``y0``'s structure.
+        ``suffix="_adjoint"`` names the backward solve's callbacks, and ``state`` maps the solved
+        state to what they receive (default: :meth:`structure`)."""
+        state = self.structure if state is None else state
         hooks = {}
         for key, name in (("on_attempt", "callback_step"), ("on_accept", "callback_accept_step"),
                           ("on_reject", "callback_reject_step")):
+            name += suffix
             callback = getattr(self.func, name, None)
             if callback is None:
                 continue
@@ -521,10 +571,10 @@ class _Setup:
                                 f"{type(callback).__name__}.")
             if key == "on_accept":
                 def hook(step, interpolate, callback=callback):
-                    callback(self.time(step.t), self.structure(step.y), self.time(step.h))
+                    callback(self.time(step.t), state(step.y), self.time(step.h))
             else:
                 def hook(t, y, h, callback=callback):
-                    callback(self.time(t), self.structure(y), self.time(h))
+                    callback(self.time(t), state(y), self.time(h))
             hooks[key] = (hook,)
         return hooks
 

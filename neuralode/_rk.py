@@ -103,6 +103,8 @@ class ExplicitRK:
         self.fsal = tableau.fsal
         self.order, self.error_order = tableau.order, tableau.error_order
         self.f0: Optional[Tensor] = None  # f at the start of the next step, once known
+        # Fixed-step methods may ask for linear interpolation between the step's ends (torchdiffeq's default).
+        self.linear = options.get("interp") == "linear"
 
     def start(self, func: Dynamics, t0: float, y0: Tensor) -> Tensor:
         self.f0 = func(t0, y0)
@@ -139,7 +141,8 @@ class ExplicitRK:
 
         With the tableau's dense-output weights it is ``y + h sum_i b_i(theta) k_i`` (fourth order
         for dopri5 and tsit5); otherwise the cubic Hermite interpolant through ``(y, f(t, y))`` and
-        ``(y1, f(t1, y1))`` (third order). All the ``thetas`` at once: one weighted sum of the basis
+        ``(y1, f(t1, y1))`` (third order), or, with ``options["interp"] == "linear"`` (fixed-step
+        methods), the chord from ``y`` to ``y1`` (second order). All the ``thetas`` at once: one weighted sum of the basis
         tensors, each weight a column over the thetas, so the operations per step do not grow with
         the number of outputs in it, nothing is copied for the backward pass, and each output is the
         same number whether or not autograd records (and however many outputs share the step).
@@ -151,6 +154,9 @@ class ExplicitRK:
             powers = torch.tensor([[h * th ** (m + 1) for m in range(len(co.dense))] for th in thetas],
                                   dtype=y.dtype, device=y.device)
             columns = torch.mm(co.dense_matrix(y.dtype, y.device).T, powers.T)  # (s, m)
+        elif self.linear:  # y0 (1 - th) + y1 th
+            basis, offset = [y, step.y1], None
+            columns = torch.tensor([[1 - th for th in thetas], list(thetas)], dtype=y.dtype, device=y.device)
         else:
             if self.fsal:  # the end slope is the last stage (the left limit, if f jumps at t1)
                 f1 = step.ks[-1]

@@ -106,6 +106,14 @@ def odeint_adjoint(
         return_stats: also return an :class:`AdjointStats`; its backward fields fill in when
             ``backward()`` runs.
 
+    ``func``'s step callbacks (``callback_step``, ``callback_accept_step``,
+    ``callback_reject_step``) see the forward solve's steps, as in :func:`neuralode.odeint`;
+    ``callback_step_adjoint``, ``callback_accept_step_adjoint`` and ``callback_reject_step_adjoint``
+    (same arguments) see the backward solve's, with ``y0`` the pair ``(z, a)`` of the state and its
+    adjoint, each in ``y0``'s structure (torchdiffeq passes its whole augmented state). With
+    ``checkpoints`` there is no backward ODE solve (the segments are re-solved forward), and the
+    adjoint callbacks are not called.
+
     Returns:
         As :func:`neuralode.odeint`.
 
@@ -133,6 +141,7 @@ def odeint_adjoint(
                          atol if adjoint_atol is None else adjoint_atol,
                          options if adjoint_options is None and back_method == method else adjoint_options,
                          prefix="adjoint_")
+    back = back._replace(options=setup.with_grid(back.options, "adjoint_options"))
     if checkpoints is not None and (isinstance(checkpoints, bool) or not isinstance(checkpoints, int)
                                     or checkpoints < 1):
         raise ValueError(f"odeint_adjoint: checkpoints must be None or an integer >= 1, got {checkpoints!r}.")
@@ -316,11 +325,15 @@ def _backsolve(setup, back, seminorm, stats, ys, grad_ys, params):
     a = grad_ys[-1]
     a_params = torch.zeros(sum(sizes[2:]), dtype=ys.dtype, device=ys.device)
     hooks = (parameter_adjoint,) if quadrature and params else ()
+    # func's callback_step_adjoint and the like see each backward step's (z, a), in y0's structure.
+    callbacks = setup.callbacks("_adjoint", lambda x: (setup.structure(x[:dim]), setup.structure(x[dim:2 * dim])))
+    hooks = {"on_accept": hooks + callbacks.get("on_accept", ()), "on_attempt": callbacks.get("on_attempt", ()),
+             "on_reject": callbacks.get("on_reject", ())}
     with torch.no_grad():
         for i in range(n - 1, 0, -1):
             x = torch.cat([ys[i], a] if quadrature else [ys[i], a, a_params])
             x = solve(back.method, augmented, x, [setup.times[i], setup.times[i - 1]], rtol=rtol,
-                      atol=atol, norm=norm, options=options, stats=back_stats, on_accept=hooks)[-1]
+                      atol=atol, norm=norm, options=options, stats=back_stats, **hooks)[-1]
             # Keep the forward pass's z(t_{i-1}); add the loss's direct dependence on it.
             a = x[dim:2 * dim] + grad_ys[i - 1]
             if not quadrature:

@@ -71,7 +71,7 @@ def test_unknown_method_lists_the_valid_ones():
 
 @pytest.mark.parametrize("method, options, message", [
     ("dopri5", {"step_size": 0.1}, "unknown option.*step_size.*valid options.*first_step"),
-    ("rk4", {"first_step": 0.1}, "unknown option.*valid options are \\['step_size'\\]"),
+    ("rk4", {"first_step": 0.1}, "unknown option.*valid options are \\['grid_constructor', 'interp', 'max_num_steps', 'perturb', 'step_size'\\]"),
     ("rk4", {"step_size": -0.1}, "must be positive"),
     ("rk4", {"step_size": "small"}, "must be a real number"),
     ("dopri5", {"dfactor": 2.0}, "dfactor"),
