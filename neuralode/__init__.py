@@ -5,9 +5,10 @@ The public API, re-exported here and nothing else.
 
 import importlib as _importlib
 
-from . import adjoint, cnf, data, distributed, exercises, flows, latent, nets, poisson, training
+from . import adjoint, cnf, data, distributed, events, exercises, flows, latent, nets, poisson, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
+from .events import odeint_event
 from .reversible import ReversibleStats, odeint_reversible
 from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
                   divergence_hutchinson)
@@ -25,7 +26,7 @@ from .training import (PROFILES, History, default_device, evaluate, fit, resolve
 __version__ = "0.1.0"
 
 __all__ = [
-    "odeint", "odeint_adjoint", "odeint_reversible", "METHODS", "SolverStats", "AdjointStats", "ReversibleStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
+    "odeint", "odeint_adjoint", "odeint_event", "odeint_reversible", "METHODS", "SolverStats", "AdjointStats", "ReversibleStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
     "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
     "make_classifier", "count_parameters",
     "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
@@ -33,7 +34,7 @@ __all__ = [
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
-    "adjoint", "cnf", "data", "distributed", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
+    "adjoint", "cnf", "data", "distributed", "events", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
 ]
 
 # Submodules loaded on first access (PEP 562), so that ``import neuralode`` imports no plotting
