@@ -62,6 +62,7 @@ ADAPTIVE_OPTIONS = {
     "norm": None,  # the error norm: None (RMS; per part for a tuple), a name of NORMS, or a callable
     "step_t": None,  # times the steps must land on
     "jump_t": None,  # discontinuities of f in t: steps land on them and restart there (no FSAL across)
+    "dtype": None,  # torchdiffeq's dtype of time: accepted, and time stays a float64 Python float whatever it is
 }
 CONTROLLERS = ("i", "pi")
 #: Names of the built-in error norms (``options["norm"]``): RMS over every entry; the largest

@@ -111,6 +111,9 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
     if "interp" in merged and merged["interp"] not in INTERPOLANTS:
         raise ValueError(f"odeint: {name}['interp'] must be one of {INTERPOLANTS} (how outputs between grid points "
                          f"are interpolated), got {merged['interp']!r}.")
+    if merged.get("dtype") is not None and merged["dtype"] not in (torch.float32, torch.float64):
+        raise ValueError(f"odeint: {name}['dtype'] (torchdiffeq's dtype of time) must be torch.float64 or "
+                         f"torch.float32, got {merged['dtype']!r}; time is held in float64 either way.")
     if "perturb" in merged and not isinstance(merged["perturb"], bool):
         raise TypeError(f"odeint: {name}['perturb'] must be True or False, got {merged['perturb']!r}.")
     if merged.get("grid_constructor") is not None:
@@ -122,7 +125,7 @@ def _check_options(method: str, options: Optional[dict], prefix: str = "") -> di
                              "defines the step grid.")
     for key, value in merged.items():
         if value is None or key in ("controller", "jacobian", "norm", "step_t", "jump_t", "interp", "perturb",
-                                    "grid_constructor"):
+                                    "grid_constructor", "dtype"):
             continue
         if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(value):
             raise TypeError(f"odeint: {name}[{key!r}] must be a real number, got {value!r}.")
@@ -294,7 +297,9 @@ def odeint(
             a callable ``norm(x) -> scalar`` gets the scaled error in ``y0``'s structure, as
             torchdiffeq's ``options["norm"]``), ``step_t`` (times the steps land on) and
             ``jump_t`` (times where ``f`` jumps: steps land on them, the step ending there evaluates
-            ``f`` just before, and the next starts afresh just after, with no FSAL reuse across).
+            ``f`` just before, and the next starts afresh just after, with no FSAL reuse across),
+            ``dtype`` (torchdiffeq's dtype of time, accepted so its code runs: time is held as a
+            float64 number whatever it says).
             ``"rodas4"`` takes the adaptive options and ``jacobian``: ``"full"`` (default, the
             ``N x N`` Jacobian of the whole state) or ``"batched"`` (a state of shape ``(B, D)``
             whose rows evolve independently, e.g. a batch through one network: ``B`` blocks of
