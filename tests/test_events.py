@@ -77,17 +77,23 @@ def test_a_bouncing_ball_restarts_from_the_event_state():
         state = torch.stack([ys[-1, 0], -e * ys[-1, 1]])
 
 
-def test_event_time_beats_torchdiffeqs_on_the_same_call():
-    # The same call through both libraries: both find the landing; ours to rounding, theirs to its
-    # bisection tolerance (atol). The tolerance here makes the gap visible.
+def test_event_time_and_gradients_agree_with_torchdiffeqs_on_the_same_call():
+    # The same call through both libraries: both find the landing, ours to rounding, theirs to its
+    # bisection tolerance (atol); the gradients with respect to the initial state agree (torchdiffeq
+    # reroutes them by the same implicit function theorem).
     gravity = torch.tensor(9.81, dtype=F64)
-    y0 = torch.tensor([2.0, 0.5], dtype=F64)
     kwargs = dict(event_fn=lambda t, y: y[0], rtol=1e-8, atol=1e-8)
-    ours, _ = node.odeint_event(_ball(gravity), y0, torch.tensor(0.0, dtype=F64), **kwargs)
-    theirs, _ = torchdiffeq.odeint_event(_ball(gravity), y0, torch.tensor(0.0, dtype=F64), **kwargs)
-    exact, _ = _landing(2.0, 0.5, 9.81)
-    assert abs(ours.item() - exact) < 1e-13
-    assert abs(theirs.item() - exact) < 1e-7
+    exact, grads = _landing(2.0, 0.5, 9.81)
+    results = {}
+    for lib in (node, torchdiffeq):
+        y0 = torch.tensor([2.0, 0.5], dtype=F64, requires_grad=True)
+        t_event, _ = lib.odeint_event(_ball(gravity), y0, torch.tensor(0.0, dtype=F64), **kwargs)
+        results[lib.__name__] = (t_event.item(), torch.autograd.grad(t_event, y0)[0])
+    ours, theirs = results["neuralode"], results["torchdiffeq"]
+    assert abs(ours[0] - exact) < 1e-13
+    assert abs(theirs[0] - exact) < 1e-7
+    assert abs(ours[1][0].item() - grads["h"]) < 1e-12 and abs(ours[1][1].item() - grads["v"]) < 1e-12
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=1e-8)
 
 
 class _Decay(torch.nn.Module):
