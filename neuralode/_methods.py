@@ -46,7 +46,9 @@ REGISTRY: Dict[str, Method] = {
     "euler": _explicit("euler"),
     "midpoint": _explicit("midpoint"),
     "heun2": _explicit("heun2"),
+    "heun3": _explicit("heun3"),
     "rk4": _explicit("rk4"),
+    "rk4_38": _explicit("rk4_38"),
     "adaptive_heun": _explicit("adaptive_heun"),
     "bosh3": _explicit("bosh3"),
     "dopri5": _explicit("dopri5"),
@@ -61,7 +63,7 @@ METHODS: Tuple[str, ...] = tuple(REGISTRY)
 
 
 def solve(method: Method, func: Callable[[float, Tensor], Tensor], y0: Tensor, t_out: Sequence[float], *,
-          rtol: float, atol: float, norm: Callable[[Tensor], Tensor], options: dict, stats: SolverStats,
+          rtol: Union[float, Tensor], atol: Union[float, Tensor], norm: Callable[[Tensor], Tensor], options: dict, stats: SolverStats,
           shape: Optional[torch.Size] = None, on_accept: Sequence[Callable] = (),
           on_attempt: Sequence[Callable] = (), on_reject: Sequence[Callable] = ()) -> Tensor:
     """Integrate ``y' = func(t, y)`` with ``method`` and return ``y`` at every time in ``t_out``.
@@ -73,7 +75,8 @@ def solve(method: Method, func: Callable[[float, Tensor], Tensor], y0: Tensor, t
             differentiates with respect to it).
         y0: initial state, any shape ``(*S)``.
         t_out: strictly monotonic output times (floats), ``t_out[0]`` the initial time.
-        rtol, atol, norm: the error control of the adaptive methods (``norm`` e.g.
+        rtol, atol, norm: the error control of the adaptive methods (numbers, or tensors that broadcast
+            to ``y0``; ``norm`` e.g.
             :func:`neuralode._loop.rms_norm`).
         options: every key of ``method.defaults``, filled in.
         stats: counters, updated in place.

@@ -263,8 +263,10 @@ def odeint(
             backwards in time). ``t[0]`` is the initial time.
         method: one of :data:`METHODS` (``None`` means the default, ``"dopri5"``, as in
             torchdiffeq): fixed-step ``"euler"`` (order 1), ``"midpoint"`` (2), ``"heun2"`` (2),
-            ``"rk4"`` (4, the classical scheme; torchdiffeq's ``"rk4"`` is the 3/8 rule); adaptive embedded pairs ``"adaptive_heun"`` (2(1)),
-            ``"bosh3"`` (Bogacki-Shampine 3(2)), ``"dopri5"`` (Dormand-Prince 5(4), the
+            ``"heun3"`` (Heun's third-order method, 3), ``"rk4"`` (4, the classical scheme) and
+            ``"rk4_38"`` (4, Kutta's 3/8 rule, which is what torchdiffeq calls ``"rk4"``: use it
+            to reproduce torchdiffeq's ``"rk4"``); adaptive embedded pairs ``"adaptive_heun"``
+            (2(1)), ``"bosh3"`` (Bogacki-Shampine 3(2)), ``"dopri5"`` (Dormand-Prince 5(4), the
             default) and ``"tsit5"`` (Tsitouras 5(4)); for stiff problems the linearly implicit
             ``"rodas4"`` (Hairer-Wanner's RODAS, a Rosenbrock method of order 4(3), L-stable and
             stiffly accurate: each step factorises ``W = I - h/4 J`` with the exact Jacobian

@@ -192,6 +192,10 @@ MIDPOINT = _tableau("midpoint", 2, c=[0, F(1, 2)], a=[[F(1, 2)]], b=[0, 1])
 
 HEUN2 = _tableau("heun2", 2, c=[0, 1], a=[[1]], b=[F(1, 2), F(1, 2)])
 
+# Heun's third-order method (K. Heun, Z. Math. Phys. 45 (1900), 23-38; HNW I, section II.1;
+# J. C. Butcher, *Numerical Methods for Ordinary Differential Equations*): torchdiffeq's "heun3".
+HEUN3 = _tableau("heun3", 3, c=[0, F(1, 3), F(2, 3)], a=[[F(1, 3)], [0, F(2, 3)]], b=[F(1, 4), 0, F(3, 4)])
+
 # Heun's method with Euler embedded: the cheapest adaptive pair, 2(1).
 ADAPTIVE_HEUN = _tableau("adaptive_heun", 2, c=[0, 1], a=[[1]], b=[F(1, 2), F(1, 2)], b_hat=[1, 0],
                          error_order=1)
@@ -214,6 +218,17 @@ RK4 = _tableau(
     c=[0, F(1, 2), F(1, 2), 1],
     a=[[F(1, 2)], [0, F(1, 2)], [0, 0, 1]],
     b=[F(1, 6), F(1, 3), F(1, 3), F(1, 6)],
+)
+
+# Kutta's 3/8 rule (W. Kutta, Z. Math. Phys. 46 (1901), 435-453; HNW I, section II.1), the other
+# fourth-order method of Kutta's paper. torchdiffeq calls it "rk4"; here "rk4" is the classical
+# scheme above. Both have four stages and order 4, hence the same stability function.
+RK4_38 = _tableau(
+    "rk4_38",
+    4,
+    c=[0, F(1, 3), F(2, 3), 1],
+    a=[[F(1, 3)], [F(-1, 3), 1], [1, -1, 1]],
+    b=[F(1, 8), F(3, 8), F(3, 8), F(1, 8)],
 )
 
 # Dormand & Prince (1980), the 5(4) pair with FSAL. The dense-output midpoint weights are
@@ -285,4 +300,5 @@ TSIT5 = _tableau(
 #: ``neuralode._odeint``, the Rosenbrock methods for stiff problems (:class:`RosenbrockTableau`).
 #: Adding an explicit Runge-Kutta method is one tableau here.
 #: The explicit methods, by name (the registry of every method is ``neuralode._methods``).
-EXPLICIT_TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, HEUN2, RK4, ADAPTIVE_HEUN, BOSH3, DOPRI5, TSIT5)}
+EXPLICIT_TABLEAUS = {tab.name: tab for tab in (EULER, MIDPOINT, HEUN2, HEUN3, RK4, RK4_38, ADAPTIVE_HEUN, BOSH3,
+                                               DOPRI5, TSIT5)}

@@ -150,7 +150,7 @@ def _tableau_names() -> set[str]:
 # Methods with published coefficients, and what the credits page must name for each. The
 # classical ones (Euler, midpoint, Heun, RK4) are textbook material, credited to Hairer et al.
 PUBLISHED_METHODS = {"rodas4": "rodas.f", "dopri5": "Dormand", "bosh3": "Bogacki", "tsit5": "Tsitouras"}
-CLASSICAL_METHODS = {"euler", "midpoint", "heun2", "rk4", "adaptive_heun"}
+CLASSICAL_METHODS = {"euler", "midpoint", "heun2", "heun3", "rk4", "rk4_38", "adaptive_heun"}
 
 
 def test_credits_names_the_source_of_every_published_tableau():
