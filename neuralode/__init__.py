@@ -5,7 +5,7 @@ The public API, re-exported here and nothing else.
 
 import importlib as _importlib
 
-from . import adjoint, cnf, data, distributed, events, exercises, flows, latent, nets, poisson, training
+from . import adjoint, cnf, data, densities, distributed, events, exercises, flows, latent, nets, poisson, training
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .events import odeint_event
@@ -34,7 +34,7 @@ __all__ = [
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
-    "adjoint", "cnf", "data", "distributed", "events", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
+    "adjoint", "cnf", "data", "densities", "distributed", "events", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
 ]
 
 # Submodules loaded on first access (PEP 562), so that ``import neuralode`` imports no plotting

@@ -351,8 +351,9 @@ def target_energy(name: str, z: torch.Tensor) -> torch.Tensor:
 
     The four energies ``"u1"`` .. ``"u4"`` of Rezende & Mohamed (2015, Table 1), used by the
     paper's Figure 4. ``z: (B, 2)`` to ``U(z): (B,)``. Only ``u1`` is normalisable as written:
-    ``u2``, ``u3`` and ``u4`` are periodic in ``z1``, so :math:`e^{-U}` has infinite mass on the
-    plane; confine them (e.g. add ``z1**2 / 8``) before computing a normaliser or a true KL.
+    ``u2`` is periodic in ``z1``, ``u3`` is periodic away from a bump near ``z1 = 1``, and ``u4``
+    on either side of a step there, so none of the three has finite mass on the plane;
+    :func:`neuralode.densities.confined_energy` confines them before a normaliser or a true KL.
     """
     z1, z2 = z[:, 0], z[:, 1]
     w1 = torch.sin(2 * math.pi * z1 / 4)

@@ -125,3 +125,40 @@ def test_bad_arguments():
         CNF(CNFDynamics(2), noise="uniform")
     with pytest.raises(ValueError, match="shape \\(batch, dim\\)"):
         CNF(CNFDynamics(2)).log_prob(torch.zeros(3))
+
+
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_analytic_trace_equals_the_exact_one_with_its_gradients(adjoint):
+    # trace="analytic" uses GatedPlanarDynamics' closed form instead of D autograd VJPs: the same
+    # log-density and the same parameter gradients, in float64 to solver precision.
+    torch.manual_seed(0)
+    dyn = GatedPlanarDynamics(2, width=5).double()
+    x = torch.randn(7, 2, dtype=torch.float64)
+    out = {}
+    for trace in ("exact", "analytic"):
+        cnf = CNF(dyn, trace=trace, rtol=1e-10, atol=1e-10, adjoint=adjoint)
+        dyn.zero_grad()
+        logp = cnf.log_prob(x)
+        logp.mean().backward()
+        out[trace] = (logp.detach(), torch.cat([p.grad.reshape(-1) for p in dyn.parameters()]))
+    assert torch.allclose(out["analytic"][0], out["exact"][0], atol=1e-9)
+    assert torch.allclose(out["analytic"][1], out["exact"][1], rtol=1e-6, atol=1e-9)
+
+
+def test_analytic_trace_in_float32_and_forward_with_divergence():
+    torch.manual_seed(1)
+    dyn = GatedPlanarDynamics(3, width=4)
+    z = torch.randn(6, 3)
+    t = torch.tensor(0.4)
+    dz, div = dyn.forward_with_divergence(t, z)
+    assert dz.dtype == div.dtype == torch.float32 and div.shape == (6,)
+    assert torch.equal(dz, dyn(t, z)) and torch.equal(div, dyn.divergence(t, z))
+    with torch.no_grad():
+        a = CNF(dyn, trace="analytic", adjoint=False).log_prob(z)
+        e = CNF(dyn, trace="exact", adjoint=False).log_prob(z)
+    assert a.dtype == torch.float32 and torch.allclose(a, e, atol=1e-4)
+
+
+def test_analytic_trace_needs_a_divergence_method():
+    with pytest.raises(ValueError, match="trace='analytic' needs dynamics with a divergence"):
+        CNF(CNFDynamics(2), trace="analytic")
