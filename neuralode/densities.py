@@ -33,8 +33,10 @@ from .data import target_energy
 __all__ = ["confined_energy", "log_normalizer", "fit_reverse_kl", "reverse_kl", "fit_max_likelihood", "DensityFit",
            "SCHEDULES", "CONFINEMENT"]
 
+#: Learning-rate schedules of the fitting loops.
 SCHEDULES = ("cosine", "constant")
-CONFINEMENT = 8.0  # U + z1^2 / CONFINEMENT: a Gaussian factor of standard deviation 2 in z1
+#: ``confined_energy`` adds ``z1**2 / CONFINEMENT``: a Gaussian factor of standard deviation 2 in ``z1``.
+CONFINEMENT = 8.0
 
 
 def confined_energy(name: str, z: Tensor) -> Tensor:

@@ -35,6 +35,8 @@ from .cnf import standard_normal_log_prob
 
 __all__ = ["PlanarLayer", "PlanarFlow", "PARAMETRIZATIONS"]
 
+#: How a :class:`PlanarLayer` keeps ``w . u_hat >= -1``: ``"shifted"`` (a fresh layer is the identity) or
+#: ``"paper"`` (Rezende & Mohamed's m, which makes fresh layers shrink volume).
 PARAMETRIZATIONS = ("shifted", "paper")
 _SHIFT = math.log(math.e - 1)  # softplus(_SHIFT) = 1, so the shifted m has m(0) = 0
 
@@ -129,7 +131,7 @@ class PlanarFlow(nn.Module):
     Args:
         dim: the dimension ``D``.
         layers: the number of layers ``K`` (at least 1).
-        init_scale, parametrization: passed to every :class:`PlanarLayer`.
+        init_scale, parametrization: passed to every :class:`~neuralode.flows.PlanarLayer`.
 
     Shapes: ``forward(z0)`` maps ``(B, D)`` to ``((B, D), (B,))``: the samples and their
     ``log q`` under the flow, ``log N(z0) - sum_k log |det J_k|``. ``log_prob(x)``: ``(B, D)`` to
