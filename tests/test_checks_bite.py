@@ -69,8 +69,8 @@ MUTATIONS = [
 
             def __init__(self, options, t_out, stats):
                 init(self, options, t_out, stats)
-                if options["step_size"] is not None and len(self.grid) > 2:
-                    del self.grid[-2]  # what range(n - 1) builds: t0, ..., t0 + (n - 2) dt, t1
+                if options["step_size"] is not None and self.n_steps > 1:
+                    self.n_steps -= 1  # what range(n - 1) builds: t0, ..., t0 + (n - 2) dt, t1
 
             _loop.FixedSteps.__init__ = __init__
         """,
