@@ -152,21 +152,21 @@ def _check_stop_times(name: str, value) -> list:
     return times.reshape(-1).tolist()
 
 
-def _check_tolerance(name: str, value, positive: bool):
+def _check_tolerance(name: str, value):
     """A tolerance: a real number, a tensor, or a tuple of those (one per part of a tuple state),
-    every entry finite and >= 0 (> 0 when ``positive``). Returns a float, a detached tensor, or a
+    every entry finite and >= 0. Returns a float, a detached tensor, or a
     tuple of those; :meth:`_Setup.tolerance` lays a tensor out like the state."""
     if isinstance(value, (tuple, list)):
         if not value:
             raise ValueError(f"odeint: {name} is an empty tuple; give a number, or one tolerance per part of y0.")
-        return tuple(_check_tolerance(f"{name}[{i}]", v, positive) for i, v in enumerate(value))
+        return tuple(_check_tolerance(f"{name}[{i}]", v) for i, v in enumerate(value))
     if isinstance(value, Tensor):
         if not value.is_floating_point():
             raise TypeError(f"odeint: {name} must be a real number or a floating-point tensor, got dtype {value.dtype}.")
         value = value.detach()
-        bad = ~torch.isfinite(value) | (value <= 0 if positive else value < 0)
+        bad = ~torch.isfinite(value) | (value < 0)
         if bool(bad.any()):
-            raise ValueError(f"odeint: every entry of {name} must be finite and {'> 0' if positive else '>= 0'}, "
+            raise ValueError(f"odeint: every entry of {name} must be finite and >= 0, "
                              f"got {value.flatten()[bad.flatten()][:3].tolist()}.")
         return value
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
@@ -206,8 +206,8 @@ def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     if not isinstance(method, str) or method not in REGISTRY:
         raise ValueError(f"odeint: unknown {prefix}method {method!r}; choose one of {', '.join(METHODS)}.")
     tableau = REGISTRY[method].tableau
-    rtol = _check_tolerance(prefix + "rtol", rtol, positive=False)
-    atol = _check_tolerance(prefix + "atol", atol, positive=False)
+    rtol = _check_tolerance(prefix + "rtol", rtol)
+    atol = _check_tolerance(prefix + "atol", atol)
     if tableau.adaptive and _all_zero(rtol) and _all_zero(atol):
         raise ValueError(f"odeint: {prefix}rtol and {prefix}atol cannot both be 0 for an adaptive method.")
     if tableau.adaptive and _any_zero(atol):
@@ -403,14 +403,13 @@ class _Setup:
         self.parts = _check_state(y0)
         self.times = _check_times(t)
         self.method = solver.method
-        self.options = solver.options
         self.dtype, self.device = self.parts[0].dtype, self.parts[0].device
         self.shapes = [p.shape for p in self.parts]
         self.sizes = [p.numel() for p in self.parts]
         self.flat = flat or self.is_tuple
         self.y_start = self.flatten(self.parts) if self.flat else self.parts[0]
         self.rtol, self.atol = self.tolerance("rtol", solver.rtol), self.tolerance("atol", solver.atol)
-        self.options = self.with_grid(self.options)
+        self.options = self.with_grid(solver.options)
 
     def with_grid(self, options: dict, name: str = "options") -> dict:
         """``options`` with the step grid of ``options["grid_constructor"]`` ready for the engine: under

@@ -252,14 +252,14 @@ def _root(c: Callable[[float], Tuple[float, int]], ca: float, cb: float, index: 
 def _implicit(setup, g, dynamics, index: int, t_star: float, t_value: Tensor, y_star: Tensor):
     r"""``(t*, y*)`` with the implicit function theorem's gradients (module docstring), when
     anything upstream requires grad; unchanged otherwise."""
+    g_graph = g(t_value.detach().to(setup.dtype), y_star)[index]
+    if not g_graph.requires_grad and not y_star.requires_grad:
+        return t_value, y_star  # nothing upstream to differentiate: skip the partial derivatives
     t_leaf = torch.tensor(t_star, dtype=setup.dtype, device=setup.device, requires_grad=True)
     y_leaf = y_star.detach().requires_grad_(True)
     with torch.enable_grad():
         value = g(t_leaf, y_leaf)[index]
         dg_dt, dg_dy = torch.autograd.grad(value, (t_leaf, y_leaf), allow_unused=True)
-    g_graph = g(t_value.detach().to(setup.dtype), y_star)[index]
-    if not g_graph.requires_grad and not y_star.requires_grad:
-        return t_value, y_star
     with torch.no_grad():
         f_star = dynamics(t_star, y_star.detach())
         rate = (torch.zeros((), dtype=setup.dtype, device=setup.device) if dg_dt is None else dg_dt)
