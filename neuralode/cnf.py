@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ._odeint import odeint
 from .adjoint import odeint_adjoint
 
-__all__ = ["divergence_exact", "divergence_hutchinson", "sample_noise", "CNF", "ConcatSquashLinear",
+__all__ = ["divergence_exact", "divergence_hutchinson", "hutchinson_variance", "sample_noise", "CNF", "ConcatSquashLinear",
            "CNFDynamics", "GatedPlanarDynamics", "standard_normal_log_prob"]
 
 TRACES = ("exact", "hutchinson", "analytic")
@@ -62,6 +62,35 @@ def divergence_hutchinson(f_out: Tensor, z: Tensor, noise: Tensor) -> Tensor:
     """
     vjp = torch.autograd.grad(f_out, z, grad_outputs=noise, create_graph=True)[0]
     return (vjp * noise).sum(dim=1)
+
+
+def hutchinson_variance(A: Tensor, kind: str = "rademacher") -> Tensor:
+    r"""The variance of one Hutchinson estimate :math:`\epsilon^\top A \epsilon` of :math:`\operatorname{tr} A`.
+
+    With :math:`S = (A + A^\top)/2` (the estimator only sees the symmetric part),
+
+    .. math::
+
+        \operatorname{Var}_{\text{Rademacher}} = 2 \sum_{i \ne j} S_{ij}^2,
+        \qquad
+        \operatorname{Var}_{\text{Gaussian}} = 2 \|S\|_F^2 .
+
+    Args:
+        A: ``(..., D, D)``, any batch of square matrices (e.g. Jacobians).
+        kind: ``"rademacher"`` or ``"gaussian"``, as for :func:`sample_noise`.
+
+    Returns:
+        ``(...)``, in ``A``'s dtype and device.
+    """
+    if kind not in NOISES:
+        raise ValueError(f"hutchinson_variance: unknown noise {kind!r}; choose one of {', '.join(NOISES)}.")
+    if A.dim() < 2 or A.shape[-1] != A.shape[-2]:
+        raise ValueError(f"hutchinson_variance: A must have shape (..., D, D), got {tuple(A.shape)}.")
+    S = (A + A.transpose(-1, -2)) / 2
+    total = 2 * (S**2).sum(dim=(-2, -1))
+    if kind == "gaussian":
+        return total
+    return total - 2 * (torch.diagonal(S, dim1=-2, dim2=-1)**2).sum(dim=-1)
 
 
 def sample_noise(like: Tensor, kind: str = "rademacher", generator: Optional[torch.Generator] = None) -> Tensor:
@@ -115,6 +144,10 @@ class _Augmented(nn.Module):
         return dz, div
 
 
+#: The settings of a :class:`CNF` besides its dynamics, as :meth:`CNF.with_` accepts them.
+_SETTINGS = ("t0", "t1", "trace", "noise", "method", "rtol", "atol", "options", "adjoint")
+
+
 class CNF(nn.Module):
     r"""A continuous normalizing flow: a standard normal at ``t0`` carried to the data at ``t1``.
 
@@ -156,6 +189,23 @@ class CNF(nn.Module):
     @property
     def dynamics(self) -> nn.Module:
         return self.augmented.dynamics
+
+    def with_(self, **changes) -> "CNF":
+        """A new ``CNF`` on the *same* dynamics (shared parameters, nothing copied) with some settings changed.
+
+        ``changes`` are any of ``t0, t1, trace, noise, method, rtol, atol, options, adjoint``; the
+        rest are kept. A model trained with ``trace="hutchinson"`` at a loose tolerance is scored
+        with ``cnf.with_(trace="exact", rtol=1e-5, atol=1e-5)``; training ``cnf`` further also
+        changes the new one, since the two share their dynamics.
+        """
+        unknown = sorted(set(changes) - set(_SETTINGS))
+        if unknown:
+            raise TypeError(f"CNF.with_: unknown setting(s) {', '.join(map(repr, unknown))}; "
+                            f"choose from {', '.join(_SETTINGS)}.")
+        settings = {name: getattr(self, name) for name in _SETTINGS if name != "trace"}
+        settings["trace"] = self.augmented.trace
+        settings.update(changes)
+        return CNF(self.dynamics, **settings)
 
     @property
     def backward_nfe(self) -> int:

@@ -204,7 +204,9 @@ def fit_max_likelihood(model: nn.Module, data: Tensor, *, iters: int, batch: int
 
     Args:
         model: anything with ``log_prob(x: (B, D)) -> (B,)`` and parameters (``CNF``, ``PlanarFlow``).
-        data: ``(N, D)``, on the model's device.
+        data: ``(N, D)``, on the model's device; or a data set drawn afresh on every access, any
+            object with ``len(data)``, ``data[idx] -> (len(idx), D)`` for a tensor of indices
+            ``idx`` and a ``device`` attribute (e.g. images dequantized with new noise each time).
         iters, batch: optimizer steps and minibatch size.
         lr, schedule: Adam's learning rate, ``"cosine"`` (decays to 0) or ``"constant"``.
         seed: seed of the minibatch indices.
@@ -214,8 +216,12 @@ def fit_max_likelihood(model: nn.Module, data: Tensor, *, iters: int, batch: int
         A :class:`DensityFit` with the loss and NFE of every step and the wall time.
     """
     _check_counts(iters, batch)
-    if data.dim() != 2:
-        raise ValueError(f"fit_max_likelihood: data must have shape (N, dim), got {tuple(data.shape)}.")
+    if torch.is_tensor(data):
+        if data.dim() != 2:
+            raise ValueError(f"fit_max_likelihood: data must have shape (N, dim), got {tuple(data.shape)}.")
+    elif not all(hasattr(data, name) for name in ("__len__", "__getitem__", "device")):
+        raise TypeError(f"fit_max_likelihood: data must be an (N, dim) tensor or a data set with __len__, "
+                        f"__getitem__ and device, got {type(data).__name__}.")
     _check_schedule(schedule)
     opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     gen = torch.Generator().manual_seed(seed)

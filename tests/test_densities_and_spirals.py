@@ -150,3 +150,28 @@ def test_spirals_are_seeded_and_validate():
         data.spirals(10, n_observed=0)
     with pytest.raises(ValueError, match="no room"):
         data.spirals(10, n_total=250)
+
+
+class _Redrawn:
+    """A data set drawn afresh on every access: x_i + noise, with the noise from its own generator."""
+
+    def __init__(self, x):
+        self.x, self.device, self.gen = x, x.device, torch.Generator().manual_seed(3)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, idx):
+        return self.x[idx] + 0.5 * torch.randn(len(idx), self.x.shape[1], generator=self.gen, dtype=self.x.dtype)
+
+
+def test_fit_max_likelihood_on_a_data_set_drawn_afresh():
+    # x plus fresh N(0, 0.5^2) noise at every access: the fitted std is sqrt(s^2 + 0.25), which a loop
+    # that read the data set once (or saw the same noise every step) would not reach in general.
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 2, generator=gen, dtype=torch.float64) * torch.tensor([0.5, 2.0], dtype=torch.float64)
+    model = _Gaussian(2).double()
+    densities.fit_max_likelihood(model, _Redrawn(x), iters=400, batch=256, lr=5e-2, seed=1)
+    assert torch.allclose(model.log_s.exp().detach(), (x.var(0) + 0.25).sqrt(), rtol=0.1)
+    with pytest.raises(TypeError, match="__getitem__"):
+        densities.fit_max_likelihood(model, [1.0, 2.0], iters=1, batch=2)
