@@ -219,6 +219,29 @@ def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     return _Solver(REGISTRY[method], rtol, atol, _check_options(method, options, prefix))
 
 
+# The event search behind ``odeint(..., event_fn=...)`` and ``odeint_adjoint(..., event_fn=...)``:
+# neuralode.events registers its odeint_event here when it is imported (as the package does), since
+# the search is built on odeint and odeint cannot import it.
+_EVENT_SEARCH: list = []
+
+
+def _search_event(caller: str, func, y0, t, event_fn, return_stats: bool, **kwargs):
+    """torchdiffeq's ``odeint(..., event_fn=...)``: :func:`neuralode.odeint_event` from ``t[0]``."""
+    if return_stats:
+        raise ValueError(f"{caller}: return_stats=True is not available with event_fn; call it without, or "
+                         "count evaluations in func.")
+    if not _EVENT_SEARCH:
+        raise RuntimeError(f"{caller}: event_fn needs neuralode.events; import neuralode (not only its submodules).")
+    if isinstance(t, Tensor):
+        if t.dim() != 1 or len(t) == 0:
+            raise ValueError(f"{caller}: with event_fn, t must have shape (T,) with T >= 1 (t[0] is the start), "
+                             f"got shape {tuple(t.shape)}.")
+    elif not isinstance(t, Sequence) or len(t) == 0:
+        raise ValueError(f"{caller}: with event_fn, t must be a sequence of times starting at t[0], got {t!r}.")
+    reverse = len(t) > 1 and float(t[1]) < float(t[0])
+    return _EVENT_SEARCH[0](func, y0, t[0], event_fn=event_fn, reverse_time=reverse, **kwargs)
+
+
 def odeint(
     func: Callable[[Tensor, State], State],
     y0: State,
@@ -228,6 +251,7 @@ def odeint(
     rtol: float = 1e-7,
     atol: float = 1e-9,
     options: Optional[dict] = None,
+    event_fn: Optional[Callable[[Tensor, State], Tensor]] = None,
     return_stats: bool = False,
 ):
     r"""Solve the initial value problem :math:`\dot y = f(t, y)`, :math:`y(t_0) = y_0`.
@@ -307,13 +331,18 @@ def odeint(
             whose rows evolve independently, e.g. a batch through one network: ``B`` blocks of
             ``D x D`` from ``D`` vector-Jacobian products, batched LU; coupled rows give a wrong
             Jacobian and lose the method's order).
+        event_fn: torchdiffeq's form of an event search: solve from ``t[0]`` (towards ``t[1]``'s
+            side when ``t`` has a second time; later times are ignored) until ``event_fn(t, y)``
+            changes sign, and return ``(event_t, ys)`` with ``ys`` the states at ``[t[0], event_t]``.
+            It is :func:`neuralode.odeint_event`, gradients included (torchdiffeq's ``odeint``
+            leaves the event time's dependence out of them; use its ``odeint_event`` there).
         return_stats: also return a :class:`SolverStats` (function evaluations, accepted and
             rejected steps, step times; for ``"rodas4"`` also Jacobians, LU factorisations and
-            linear solves).
+            linear solves). Not with ``event_fn``.
 
     Returns:
         ``ys`` of shape ``(T, *S)`` (a tuple of such for a tuple ``y0``), with ``ys[0] == y0``;
-        ``(ys, stats)`` when ``return_stats`` is true.
+        ``(ys, stats)`` when ``return_stats`` is true; ``(event_t, ys)`` with ``event_fn``.
 
     Raises:
         TypeError, ValueError: for bad arguments, naming the argument and the fix.
@@ -325,6 +354,9 @@ def odeint(
         FloatingPointError: when the solution becomes NaN or inf (a step whose new state is not
             finite is never accepted; the error names the time).
     """
+    if event_fn is not None:
+        return _search_event("odeint", func, y0, t, event_fn, return_stats, method=method, rtol=rtol, atol=atol,
+                             options=options)
     setup = _Setup(func, y0, t, method, rtol, atol, options)
     stats = SolverStats()
     dynamics = setup.dynamics(stats)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ._autograd import once_differentiable
 from ._loop import SolverStats, rms_norm
 from ._methods import solve
-from ._odeint import State, _check_solver, _Setup
+from ._odeint import State, _check_solver, _search_event, _Setup
 
 __all__ = ["odeint_adjoint", "AdjointStats"]
 
@@ -70,6 +70,7 @@ def odeint_adjoint(
     adjoint_options: Optional[dict] = None,
     seminorm: bool = False,
     checkpoints: Optional[int] = None,
+    event_fn: Optional[Callable[[Tensor, State], Tensor]] = None,
     return_stats: bool = False,
 ):
     r"""Like :func:`neuralode.odeint`, with gradients from the adjoint ODE instead of backprop.
@@ -103,8 +104,10 @@ def odeint_adjoint(
             state and backpropagates through it. The gradient is then exact for the computation
             performed (no backward reconstruction, no drift), at the cost of memory for ``K``
             states plus one segment's graph, O(K + N/K) for N steps.
+        event_fn: solve until ``event_fn(t, y)`` changes sign and return ``(event_t, ys)``, as for
+            :func:`neuralode.odeint`: :func:`neuralode.odeint_event` with ``odeint_interface=odeint_adjoint``.
         return_stats: also return an :class:`AdjointStats`; its backward fields fill in when
-            ``backward()`` runs.
+            ``backward()`` runs. Not with ``event_fn``.
 
     ``func``'s step callbacks (``callback_step``, ``callback_accept_step``,
     ``callback_reject_step``) see the forward solve's steps, as in :func:`neuralode.odeint`;
@@ -122,6 +125,11 @@ def odeint_adjoint(
         RuntimeError: also when the gradients are differentiated again (``create_graph=True``):
             the backward pass builds no graph, so higher-order gradients need :func:`neuralode.odeint`.
     """
+    if event_fn is not None:
+        return _search_event("odeint_adjoint", func, y0, t, event_fn, return_stats, odeint_interface=odeint_adjoint,
+                             method=method, rtol=rtol, atol=atol, options=options, adjoint_params=adjoint_params,
+                             adjoint_method=adjoint_method, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol,
+                             adjoint_options=adjoint_options, seminorm=seminorm, checkpoints=checkpoints)
     setup = _Setup(func, y0, t, method, rtol, atol, options, flat=True)
     params = _adjoint_params(func, adjoint_params)
     if isinstance(adjoint_options, dict) and "norm" in adjoint_options:

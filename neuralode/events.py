@@ -33,7 +33,7 @@ from torch import Tensor
 from ._autograd import once_differentiable
 from ._loop import SolverStats
 from ._methods import solve
-from ._odeint import State, _Setup, _TimeShift, odeint
+from ._odeint import _EVENT_SEARCH, State, _Setup, _TimeShift, odeint
 from .adjoint import odeint_adjoint
 
 __all__ = ["odeint_event"]
@@ -203,6 +203,10 @@ def odeint_event(
     if torch.is_grad_enabled():
         t_value, y_star = _implicit(setup, g, dynamics, event.index, t_star, t_value, y_star)
     return t_value, setup.stack(torch.stack([setup.y_start, y_star]))
+
+
+# odeint(..., event_fn=...) and odeint_adjoint(..., event_fn=...), torchdiffeq's form, search with odeint_event.
+_EVENT_SEARCH[:] = [odeint_event]
 
 
 def _check_t0(t0) -> float:

@@ -212,3 +212,33 @@ def test_second_derivatives_refuse():
     (first,) = torch.autograd.grad(t_event, gravity, create_graph=True)
     with pytest.raises(RuntimeError, match="odeint_event.*differentiated twice"):
         (t_event + first**2).backward()  # a gradient penalty: its backward is a double backward
+
+
+@pytest.mark.parametrize("interface", list(INTERFACES))
+def test_odeint_with_event_fn_is_torchdiffeqs_event_call(interface):
+    # torchdiffeq's odeint(func, y0, t, event_fn=...) returns (event_t, ys at [t0, event_t]) and reads
+    # only t[0] (and t[1]'s side for the direction). Ours is odeint_event, so the landing and its
+    # implicit-function gradient match the closed form; torchdiffeq's own call agrees on the time.
+    gravity = torch.tensor(9.81, dtype=F64)
+    extra = {"adjoint_params": ()} if interface == "adjoint" else {}
+    y0 = torch.tensor([2.0, 0.5], dtype=F64, requires_grad=True)
+    t_event, ys = INTERFACES[interface](_ball(gravity), y0, torch.tensor([0.0, 5.0], dtype=F64),
+                                        event_fn=lambda t, y: y[0], rtol=1e-10, atol=1e-10, **extra)
+    exact, grads = _landing(2.0, 0.5, 9.81)
+    assert abs(t_event.item() - exact) < 1e-13 and ys.shape == (2, 2)
+    assert abs(torch.autograd.grad(t_event, y0)[0][0].item() - grads["h"]) < 1e-12
+    theirs, _ = torchdiffeq.odeint(_ball(gravity), y0.detach(), torch.tensor([0.0, 5.0], dtype=F64),
+                                   event_fn=lambda t, y: y[0], rtol=1e-10, atol=1e-10)
+    assert abs(theirs.item() - exact) < 1e-8
+    # Backwards: t[1] < t[0] searches towards decreasing t. The height 2 + 0.5 t - g t^2 / 2 has its other
+    # root at (v - s) / g < 0: starting just above the ground at the landing, the search must find it.
+    landing = ys[-1].detach()
+    t_back, _ = INTERFACES[interface](_ball(gravity), landing + torch.tensor([1e-9, 0.0], dtype=F64),
+                                      [exact, exact - 1.0], event_fn=lambda t, y: y[0], rtol=1e-10, atol=1e-10,
+                                      **extra)
+    s = math.sqrt(0.25 + 2 * 9.81 * 2.0)
+    assert abs(t_back.item() - (0.5 - s) / 9.81) < 1e-8
+    with pytest.raises(ValueError, match="return_stats"):
+        INTERFACES[interface](_ball(gravity), y0, [0.0, 1.0], event_fn=lambda t, y: y[0], return_stats=True, **extra)
+    with pytest.raises(ValueError, match=r"shape \(T,\)"):
+        INTERFACES[interface](_ball(gravity), y0, torch.zeros(()), event_fn=lambda t, y: y[0], **extra)
