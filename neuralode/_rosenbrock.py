@@ -8,8 +8,9 @@ every stage from a linear solve; no Newton iteration, no convergence test. That 
 well: the Jacobian, the LU factorisation and the triangular solves are ordinary differentiable
 torch operations, so backpropagation through the solver works as for the explicit methods.
 
-**Why RODAS.** Hairer & Wanner's RODAS (*Solving ODEs II*, 2nd ed. 1996, section VI.4, Table 4.3;
-the ``METH = 1`` coefficients of their code ``rodas.f``, here in that code's transformed form)
+**Why RODAS.** Hairer & Wanner's RODAS (*Solving ODEs II*, 2nd ed. 1996; Rosenbrock-type methods
+in section IV.7, RODAS constructed for index-1 problems in section VI.4; the ``METH = 1``
+coefficients of their code ``rodas.f``, here in that code's transformed form)
 has six stages, order 4 with an embedded order-3 solution, and is **L-stable and stiffly
 accurate**: :math:`R(\infty) = 0`, and :math:`y_{n+1}` is the last stage's argument plus its
 increment, so a very stiff component is put onto its slow manifold instead of being damped only
@@ -20,7 +21,8 @@ ROS34PW2 tolerates an approximate one); autograd gives the exact Jacobian cheapl
 stability of RODAS wins. The Jacobian is recomputed once per accepted step and reused for the
 retries of a rejected step (only :math:`W` is refactorised).
 
-**A step** (HNW II, section VI.7, eq. (7.25), the form ``rodas.f`` implements). With
+**A step** (HNW II, section IV.7: the transformed form, in the variables
+:math:`u_i = \sum_{j \le i} \gamma_{ij} k_j`, that ``rodas.f`` implements). With
 :math:`\gamma = 1/4`, :math:`W = I - h\gamma J` and :math:`f_t = \partial f/\partial t (t_n, y_n)`:
 
 .. math::
@@ -131,11 +133,18 @@ def _lower(rows: Sequence[Sequence[float]], s: int) -> List[List[Fraction]]:
 @dataclass(frozen=True)
 class RosenbrockTableau:
     r"""A Rosenbrock method: the published coefficients its step uses and, derived from them, its
-    canonical form (HNW II, section VI.7, eq. (7.4)), in which the order conditions and the
-    stability function are stated.
+    canonical form (HNW II, section IV.7, eq. (7.4)), in which the order conditions and the
+    stability function are stated:
 
-    The arguments are the coefficients of the transformed form of HNW eq. (7.25), as printed in
-    ``rodas.f``.
+    .. math::
+
+        (I - h\gamma J) k_i = h f\big(t_n + \alpha_i h, y_n + \sum_{j<i} \alpha_{ij} k_j\big)
+        + h J \sum_{j<i} \gamma_{ij} k_j + \gamma_i h^2 f_t, \qquad y_{n+1} = y_n + \sum_i b_i k_i .
+
+    The arguments are the coefficients of the transformed form (HNW II, section IV.7, in the
+    variables :math:`u_i = \sum_{j \le i} \gamma_{ij} k_j`), as printed in ``rodas.f``. Chapter 9 of
+    the book implements one step of the canonical form from ``a``, ``gammas``, ``alpha``, ``d``
+    and ``b`` and checks it against the library's transformed-form step.
 
     Args:
         name: the method's name as ``odeint`` accepts it.
@@ -153,7 +162,7 @@ class RosenbrockTableau:
     ``a``), ``b`` and ``b_error = b - \hat b``. With :math:`\Gamma = (\gamma_{ij})`:
     :math:`\Gamma = (\gamma^{-1} I - C)^{-1}`, :math:`(\alpha_{ij}) = (a_{ij})\,\Gamma`,
     :math:`b = m\,\Gamma`, :math:`\hat b = \hat m\,\Gamma`. The order conditions are stated on
-    these (HNW II, Table VI.7.1); ``tests/test_stiff.py`` checks them.
+    these (HNW II, section IV.7, Table 7.1); ``tests/test_stiff.py`` checks them.
     """
 
     name: str
@@ -223,7 +232,7 @@ class RosenbrockTableau:
 
             R(z) = 1 + z\, b^\top (I - zB)^{-1} \mathbf 1, \qquad B = (\alpha_{ij} + \gamma_{ij}),
 
-        a rational function (HNW II, section VI.7, eq. (7.17)); ``embedded=True`` uses
+        a rational function (HNW II, section IV.7); ``embedded=True`` uses
         :math:`\hat b`. For RODAS, :math:`|R| \le 1` on the left half-plane and
         :math:`R(\infty) = 0` (L-stability).
 
@@ -237,7 +246,7 @@ class RosenbrockTableau:
         return _stability_function(beta, weights, z)
 
 
-# Hairer & Wanner, rodas.f, subroutine ROCOE, METH = 1 (HNW II, Table VI.4.3 in the transformed form).
+# Hairer & Wanner, rodas.f, subroutine ROCOE, METH = 1 (RODAS, HNW II section VI.4; the transformed form of IV.7).
 RODAS4 = RosenbrockTableau(
     name="rodas4", order=4, error_order=3, gamma=0.25,
     alpha=(0.0, 0.386, 0.21, 0.63, 1.0, 1.0),

@@ -1,11 +1,12 @@
 r"""Inhomogeneous Poisson processes: the log-likelihood and exact simulation by thinning.
 
-For events :math:`t_1 < \dots < t_N` in :math:`[t_0, t_1]` of a process with intensity
-:math:`\lambda(t)` (Chen et al. 2018, section 5.1),
+For events :math:`s_1 < \dots < s_N` in the window ``[t0, t1]`` (the arguments below; chapter 8
+of the book writes it :math:`[t_{\mathrm{start}}, t_{\mathrm{end}}]`) of a process with intensity
+:math:`\lambda(t)` (Chen et al. 2018, section 5),
 
 .. math::
 
-    \log p(t_1, \dots, t_N) = \sum_{i=1}^N \log \lambda(t_i) - \int_{t_0}^{t_1} \lambda(t)\, dt ,
+    \log p(s_1, \dots, s_N) = \sum_{i=1}^N \log \lambda(s_i) - \int_{t_0}^{t_1} \lambda(t)\, dt ,
 
 where the integral (the compensator :math:`\Lambda`) is solved as the ODE
 :math:`\dot\Lambda = \lambda(t)`, :math:`\Lambda(t_0) = 0`, with :func:`neuralode.odeint`.
@@ -62,7 +63,7 @@ def poisson_log_likelihood(intensity: Intensity, event_times, t0: float, t1: flo
         method, rtol, atol, options: the compensator's solver, as for :func:`neuralode.odeint`.
 
     Returns:
-        A 0-d tensor: :math:`\sum_i \log\lambda(t_i) - \int_{t_0}^{t_1}\lambda(t)\,dt`.
+        A 0-d tensor: :math:`\sum_i \log\lambda(s_i) - \int_{t_0}^{t_1}\lambda(t)\,dt` for the events :math:`s_i`.
 
     Raises:
         ValueError: for events outside the window, a non-positive window, or a non-positive

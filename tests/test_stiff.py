@@ -30,7 +30,7 @@ def _canonical(tab):
 
 
 def _order_residuals(alpha, beta, b, g):
-    """Residuals of the Rosenbrock order conditions up to order 4 (HNW II, Table VI.7.1), with
+    """Residuals of the Rosenbrock order conditions up to order 4 (HNW II, section IV.7, Table 7.1), with
     alpha_i = sum_j alpha_ij and beta'_i = sum_{j<i} beta_ij (the diagonal excluded)."""
     s = len(b)
     a_i = [sum(row) for row in alpha]
@@ -99,6 +99,55 @@ def test_convergence_order_four_on_a_smooth_nonlinear_problem():
     hs, errors = zip(*[(h, (y - exact).abs().max().item())
                        for h, y in (_constant_steps(f, y0, 3.0, n) for n in (12, 24, 48, 96))])
     assert 3.7 < _slope(hs, errors) < 5.5, errors
+
+
+def test_one_step_equals_the_canonical_form_of_the_derived_coefficients():
+    # The library steps in the transformed form (u_i); the tableau derives the canonical alpha_ij,
+    # gamma_ij, b (HNW II, IV.7, eq. (7.4)). One canonical step, written out here, must agree with
+    # one library step on a coupled, nonlinear, time-dependent problem (every term of the step).
+    tab = node.TABLEAUS["rodas4"]
+
+    def f(t, y):
+        return torch.stack([y[1], 5 * (1 - y[0] ** 2) * y[1] - y[0] + torch.sin(3 * t)])
+
+    t0, y0, h = torch.tensor(0.3, dtype=F64), torch.tensor([2.0, 0.0], dtype=F64), 0.2
+    jac = torch.func.jacrev(lambda x: f(t0, x))(y0)
+    f_t = torch.func.jacrev(lambda s: f(s, y0))(t0)
+    w = torch.eye(2, dtype=F64) - h * tab.gamma * jac
+    ks = []
+    for i in range(tab.stages):
+        assert tab.gammas[i][i] == Fraction(tab.gamma)
+        yi = y0 + sum(float(a) * k for a, k in zip(tab.a[i - 1], ks)) if i else y0
+        coupling = sum((float(g) * k for g, k in zip(tab.gammas[i][:i], ks)), torch.zeros(2, dtype=F64))
+        ks.append(torch.linalg.solve(w, h * f(t0 + tab.alpha[i] * h, yi) + h * jac @ coupling
+                                     + tab.d[i] * h**2 * f_t))
+    canonical = y0 + sum(float(b) * k for b, k in zip(tab.b, ks))
+    with torch.no_grad():
+        library = node.odeint(f, y0, [0.3, 0.3 + h], method="rodas4", rtol=1e3, atol=1e3,
+                              options={"first_step": h, "max_step": h})[-1]
+    assert (canonical - library).abs().max().item() < 1e-13
+    assert (canonical - y0).abs().max().item() > 1e-2  # a step that moves
+
+
+def test_order_reduction_on_prothero_robinson():
+    # y' = lam (y - cos t) - sin t from y(0) = 1, constant steps (Prothero & Robinson 1974; HNW II,
+    # IV.15): order 4 for h|lam| small; order 1 with an error C h / |lam| for h|lam| large (stage
+    # order 1, L-stable and stiffly accurate); the largest error at intermediate stiffness.
+    def max_error(rate, n):
+        grid = torch.linspace(0, 1, n + 1, dtype=F64)
+        with torch.no_grad():
+            ys = node.odeint(lambda t, y: -rate * (y - torch.cos(t)) - torch.sin(t), torch.ones(1, dtype=F64),
+                             grid, method="rodas4", rtol=1e3, atol=1e3, options={"first_step": 1 / n, "max_step": 1 / n})
+        return (ys[:, 0] - torch.cos(grid)).abs().max().item()
+
+    ns = (10, 20, 40)
+    errors = {rate: [max_error(rate, n) for n in ns] for rate in (1.0, 1e2, 1e4, 1e6)}
+    hs = [1 / n for n in ns]
+    assert 3.7 < _slope(hs, errors[1.0]) < 4.5, errors[1.0]
+    for rate in (1e4, 1e6):
+        assert 0.8 < _slope(hs, errors[rate]) < 1.2, errors[rate]
+    assert errors[1e6][-1] * 1e6 == pytest.approx(errors[1e4][-1] * 1e4, rel=0.1)  # C h / |lam|
+    assert errors[1e2][0] > max(errors[1.0][0], errors[1e4][0], errors[1e6][0])  # the hump, at h = 0.1
 
 
 def test_one_huge_step_on_a_very_stiff_decay_lands_on_the_slow_manifold():
