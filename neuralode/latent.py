@@ -41,6 +41,18 @@ def _check_series(x: Tensor, t: Tensor, mask: Optional[Tensor]) -> Tensor:
     return mask.bool()
 
 
+def _standard_normal(shape, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Standard normal noise of ``shape`` with ``like``'s dtype and device, drawn from ``generator``.
+
+    A generator lives on one device and can only fill tensors there, so the draw is made on the
+    generator's device and then moved: a CPU generator seeds a model on CUDA, and the same seed
+    gives the same numbers on every device.
+    """
+    if generator is None:
+        return torch.randn(shape, dtype=like.dtype, device=like.device)
+    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
+
+
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(mean, diag exp(logvar)) || N(0, I)), summed over the last dimension: ``(B, L)`` to ``(B,)``."""
     return 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum(dim=-1)
@@ -100,17 +112,21 @@ class LatentODE(nn.Module):
         rnn_hidden, dynamics_hidden, decoder_hidden: layer widths.
         obs_std: the observation noise of the Gaussian likelihood.
         method, rtol, atol, options, adjoint: the latent solve (see :func:`neuralode.odeint`).
+        dynamics_layers: hidden layers of the dynamics ``f`` (ELU, autonomous). The paper's spiral
+            experiment uses one hidden layer of 20 units; the default 2 is torchdiffeq's example
+            (``LatentODEfunc``).
 
     The latent state lives at ``t[0]`` of the series it encodes.
     """
 
     def __init__(self, obs_dim: int = 2, latent_dim: int = 4, rnn_hidden: int = 25, dynamics_hidden: int = 20,
                  decoder_hidden: int = 20, obs_std: float = 0.3, method: str = "dopri5", rtol: float = 1e-3,
-                 atol: float = 1e-4, adjoint: bool = False, options: Optional[dict] = None):
+                 atol: float = 1e-4, adjoint: bool = False, options: Optional[dict] = None,
+                 dynamics_layers: int = 2):
         super().__init__()
         self.latent_dim, self.obs_std = latent_dim, obs_std
         self.encoder = RecognitionRNN(obs_dim, latent_dim, rnn_hidden)
-        self.dynamics = MLPDynamics(latent_dim, hidden=dynamics_hidden, num_layers=2, activation="elu",
+        self.dynamics = MLPDynamics(latent_dim, hidden=dynamics_hidden, num_layers=dynamics_layers, activation="elu",
                                     time_dependent=False)
         self.decoder = nn.Sequential(nn.Linear(latent_dim, decoder_hidden), nn.ReLU(),
                                      nn.Linear(decoder_hidden, obs_dim))
@@ -150,7 +166,7 @@ class LatentODE(nn.Module):
         """
         mask = _check_series(x, t, mask)
         mean, logvar = self.encoder(x, t, mask)
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        eps = _standard_normal(mean.shape, mean, generator)
         z0 = mean + eps * (0.5 * logvar).exp()
         x_mean = self.decode(z0, t[0], t)
         log_likelihood = masked_gaussian_log_likelihood(x, x_mean, self.obs_std, mask)
@@ -158,26 +174,38 @@ class LatentODE(nn.Module):
         return (log_likelihood - kl).mean(), log_likelihood.mean(), kl.mean()
 
     @torch.no_grad()
-    def predict(self, x: Tensor, t: Tensor, mask: Optional[Tensor], times: Tensor) -> Tensor:
-        """Encode the observed part, decode the posterior mean at ``times``: ``(B, len(times), D)``."""
+    def predict(self, x: Tensor, t: Tensor, mask: Optional[Tensor], times: Tensor,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        r"""Encode the observed part and decode at ``times``: ``(B, len(times), D)``.
+
+        Without ``generator`` it decodes the posterior mean :math:`\mu`; with one it decodes one
+        posterior sample :math:`z_0 = \mu + \sigma_q \odot \varepsilon` per series (as the paper's
+        Figure 8 does), with :math:`\varepsilon` drawn from ``generator``.
+        """
         mask = _check_series(x, t, mask)
-        mean, _ = self.encoder(x, t, mask)
+        mean, logvar = self.encoder(x, t, mask)
+        if generator is not None:
+            mean = mean + _standard_normal(mean.shape, mean, generator) * (0.5 * logvar).exp()
         return self.decode(mean, t[0], times)
 
     @torch.no_grad()
     def sample(self, n: int, t0: Tensor, times: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Trajectories from the prior: ``(n, len(times), D)``."""
-        p = next(self.parameters())
-        z0 = torch.randn(n, self.latent_dim, generator=generator, dtype=p.dtype, device=p.device)
+        z0 = _standard_normal((n, self.latent_dim), next(self.parameters()), generator)
         return self.decode(z0, t0, times)
 
 
 class RNNBaseline(nn.Module):
-    """The paper's RNN baseline: a GRU on the time grid that is told the time gaps.
+    """An RNN baseline for irregular series: a GRU on the time grid that is told the time gaps.
 
     At grid point ``j`` it receives the previous point's observation (zeros where unobserved), a
     flag saying whether it was observed, and the gap ``t_j - t_{j-1}``, and predicts ``x_j``. Past
     the observations it runs on with no data, which is how it extrapolates.
+
+    It is in the spirit of the paper's baseline, not the same model: the paper's RNN (25 hidden
+    units, Gaussian negative log-likelihood) reads the observations only, in a second version with
+    the time difference to the next observation appended; this one runs on every grid point with
+    zero-imputed inputs and an observed flag, and is trained on squared error (``loss``).
 
     Shapes: ``forward(x, t, mask)`` maps ``x: (B, T, D)``, ``t: (T,)``, ``mask: (B, T)`` to
     predictions ``(B, T, D)``.
@@ -318,7 +346,7 @@ class PoissonLatentODE(LatentODE):
             raise ValueError("events is required: a (B, T) tensor of event counts on the grid t (or a boolean mask).")
         mean, logvar = self.encode(x, t, mask, events)
         x, mask, events = self._check(x, t, mask, events)
-        eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype, device=mean.device)
+        eps = _standard_normal(mean.shape, mean, generator)
         z0 = mean + eps * (0.5 * logvar).exp()
         zs, big_lambda = self.trajectory_and_compensator(z0, t)
         observed = (masked_gaussian_log_likelihood(x, self.decoder(zs), self.obs_std, mask) if self.obs_dim

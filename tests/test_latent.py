@@ -97,6 +97,58 @@ def test_shape_errors():
         model.elbo(torch.zeros(2, 5, 2), torch.linspace(0, 1, 5), torch.ones(2, 4, dtype=torch.bool))
 
 
+def test_dynamics_layers_sets_the_depth_of_f():
+    """The paper's spirals use one hidden layer of 20 units; the default is torchdiffeq's two."""
+    linears = lambda m: [l for l in m.dynamics.modules() if isinstance(l, torch.nn.Linear)]  # noqa: E731
+    assert len(linears(LatentODE(dynamics_layers=1))) == 2
+    assert len(linears(LatentODE())) == 3
+    assert [l.out_features for l in linears(LatentODE(latent_dim=4, dynamics_hidden=20, dynamics_layers=1))] == [20, 4]
+
+
+def test_predict_decodes_the_posterior_mean_or_a_posterior_sample():
+    torch.manual_seed(0)
+    model = LatentODE(latent_dim=4, rtol=1e-8, atol=1e-9).double()
+    x, t, mask = _series(batch=5)
+    x, t = x.double(), t.double()
+    with torch.no_grad():
+        mean, logvar = model.encoder(x, t, mask)
+        eps = torch.randn(mean.shape, generator=torch.Generator().manual_seed(4), dtype=mean.dtype)
+        by_hand = model.decode(mean + eps * (0.5 * logvar).exp(), t[0], t)
+        assert torch.allclose(model.predict(x, t, mask, t), model.decode(mean, t[0], t))
+    sampled = model.predict(x, t, mask, t, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(sampled, by_hand, atol=1e-10)
+    assert not torch.allclose(sampled, model.predict(x, t, mask, t), atol=1e-3)  # a sample is not the mean
+
+
+def test_noise_is_drawn_on_the_generator_device_and_moved_to_the_model():
+    """A CPU generator must seed a model on another device (torch.randn refuses a CUDA tensor from a
+    CPU generator): the draw consumes the generator on its own device, then moves."""
+    from neuralode.latent import _standard_normal
+
+    like = torch.empty(3, 4, dtype=torch.float64, device="meta")
+    g, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    out = _standard_normal((3, 4), like, g)
+    assert out.device.type == "meta" and out.dtype == torch.float64
+    torch.randn((3, 4), generator=reference, dtype=torch.float64)
+    assert torch.equal(g.get_state(), reference.get_state())  # the CPU generator was advanced, as on the CPU
+    cpu = _standard_normal((3, 4), torch.empty(0, dtype=torch.float64), torch.Generator().manual_seed(5))
+    assert torch.equal(cpu, torch.randn((3, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the CPU case is the test above")
+def test_elbo_sample_and_predict_on_cuda_with_a_cpu_generator():
+    torch.manual_seed(0)
+    model = LatentODE().cuda()
+    x, t, mask = (a.cuda() for a in _series(batch=4))
+    cpu_model = LatentODE()
+    cpu_model.load_state_dict(model.state_dict())
+    elbo = model.elbo(x, t, mask, generator=torch.Generator().manual_seed(1))[0]
+    elbo_cpu = cpu_model.elbo(x.cpu(), t.cpu(), mask.cpu(), generator=torch.Generator().manual_seed(1))[0]
+    assert abs(elbo.item() - elbo_cpu.item()) < 1e-3 * (1 + abs(elbo_cpu.item()))
+    assert model.sample(2, t[0], t, generator=torch.Generator().manual_seed(2)).is_cuda
+    assert model.predict(x, t, mask, t, generator=torch.Generator().manual_seed(3)).is_cuda
+
+
 # ---------------------------------------------------------------- latent ODE with a Poisson process
 from neuralode.latent import PoissonLatentODE  # noqa: E402
 
