@@ -168,6 +168,60 @@ def test_pages_do_not_show_the_test_suites_output_markers(book_build: BookBuild)
     assert "claims" in chapter and 'class="highlight' in chapter
 
 
+class _Prose(HTMLParser):
+    """The text a reader sees as prose: everything outside code, highlighted blocks, signatures and
+    rendered math (MathJax's ``<span class="math">``)."""
+
+    SKIP_TAGS = {"pre", "code", "script", "style", "textarea"}
+    SKIP_CLASSES = {"math", "highlight", "pre", "sig"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: list[tuple[str, bool]] = []
+        self.skipping = 0
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        skip = tag in self.SKIP_TAGS or bool(self.SKIP_CLASSES & set((dict(attrs).get("class") or "").split()))
+        self.stack.append((tag, skip))
+        self.skipping += skip
+
+    def handle_endtag(self, tag):
+        while self.stack:
+            opened, skip = self.stack.pop()
+            self.skipping -= skip
+            if opened == tag:
+                break
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.text.append(data)
+
+
+# $...$ left in prose: math that MyST did not parse (e.g. in a display(Markdown(...)) output).
+DOLLAR_MATH = re.compile(r"(?<![\\$\w])\$(?!\s)[^$\n]{1,80}(?<![\s\\])\$(?![\w$])")
+
+
+def unrendered_math(html: str) -> list[str]:
+    prose = _Prose()
+    prose.feed(html)
+    return DOLLAR_MATH.findall(" ".join(prose.text))
+
+
+def test_unrendered_math_is_found_in_prose_and_not_in_code_or_math():
+    assert unrendered_math('<p>at $M = 32$ and <span class="math">\\(x\\)</span> <code>$a$</code></p>') == ["$M = 32$"]
+    assert unrendered_math('<p>costs $5 and $6</p><pre>echo $HOME $PATH</pre>') == []
+
+
+@pytest.mark.notebooks
+def test_pages_show_no_unrendered_inline_math(book_build: BookBuild):
+    # Computed prose (display(Markdown(...))) is parsed as MyST (_config.yml, nb_render_markdown_format),
+    # so its $...$ renders like the text's; with CommonMark the dollars were printed.
+    shown = {p.relative_to(book_build.html): found for p in build_pages(book_build)
+             if (found := unrendered_math(p.read_text(encoding="utf-8")))}
+    assert not shown, f"pages that print $...$ instead of rendering it: {shown}"
+
+
 @pytest.mark.notebooks
 def test_pages_load_no_script_or_stylesheet_from_another_host(book_build: BookBuild):
     offenders = []
