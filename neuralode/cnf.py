@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._odeint import odeint
+from ._random import randn
 from .adjoint import odeint_adjoint
 
 __all__ = ["divergence_exact", "divergence_hutchinson", "hutchinson_variance", "sample_noise", "CNF", "ConcatSquashLinear",
@@ -105,7 +106,7 @@ def sample_noise(like: Tensor, kind: str = "rademacher", generator: Optional[tor
         bits = torch.randint(0, 2, like.shape, generator=generator, device=device)
         return (2 * bits - 1).to(like.dtype).to(like.device)
     if kind == "gaussian":
-        return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+        return randn(like.shape, like, generator)
     raise ValueError(f"sample_noise: unknown noise {kind!r}; choose one of {', '.join(NOISES)}.")
 
 
@@ -245,11 +246,7 @@ class CNF(nn.Module):
         dim = dim if dim is not None else getattr(self.dynamics, "dim", None)
         if dim is None:
             raise ValueError("CNF.sample: pass dim=..., the dynamics do not say their dimension.")
-        p = next(self.parameters())
-        # Drawn on the generator's device, then moved: a CPU generator serves a CUDA model.
-        device = generator.device if generator is not None else p.device
-        z0 = torch.randn(n, dim, generator=generator, dtype=p.dtype, device=device).to(p.device)
-        return self.transform(z0)[0]
+        return self.transform(randn((n, dim), next(self.parameters()), generator))[0]
 
 
 class ConcatSquashLinear(nn.Module):

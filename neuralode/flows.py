@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._random import randn
 from .cnf import standard_normal_log_prob
 
 __all__ = ["PlanarLayer", "PlanarFlow", "PARAMETRIZATIONS"]
@@ -170,6 +171,4 @@ class PlanarFlow(nn.Module):
 
     def sample(self, n: int, generator=None):
         """``n`` samples ``(n, D)`` with their log-densities ``(n,)``."""
-        p = self.layers[0].w
-        device = generator.device if generator is not None else p.device
-        return self(torch.randn(n, self.dim, generator=generator, dtype=p.dtype, device=device).to(p.device))
+        return self(randn((n, self.dim), self.layers[0].w, generator))

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._odeint import odeint
+from ._random import randn
 from .adjoint import odeint_adjoint
 from .nets import MLPDynamics
 
@@ -39,18 +40,6 @@ def _check_series(x: Tensor, t: Tensor, mask: Optional[Tensor]) -> Tensor:
     if mask.shape != x.shape[:2]:
         raise ValueError(f"mask must have shape {tuple(x.shape[:2])}, got {tuple(mask.shape)}.")
     return mask.bool()
-
-
-def _standard_normal(shape, like: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-    """Standard normal noise of ``shape`` with ``like``'s dtype and device, drawn from ``generator``.
-
-    A generator lives on one device and can only fill tensors there, so the draw is made on the
-    generator's device and then moved: a CPU generator seeds a model on CUDA, and the same seed
-    gives the same numbers on every device.
-    """
-    if generator is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device)
-    return torch.randn(shape, generator=generator, dtype=like.dtype, device=generator.device).to(like.device)
 
 
 def gaussian_kl(mean: Tensor, logvar: Tensor) -> Tensor:
@@ -166,7 +155,7 @@ class LatentODE(nn.Module):
         """
         mask = _check_series(x, t, mask)
         mean, logvar = self.encoder(x, t, mask)
-        eps = _standard_normal(mean.shape, mean, generator)
+        eps = randn(mean.shape, mean, generator)
         z0 = mean + eps * (0.5 * logvar).exp()
         x_mean = self.decode(z0, t[0], t)
         log_likelihood = masked_gaussian_log_likelihood(x, x_mean, self.obs_std, mask)
@@ -185,13 +174,13 @@ class LatentODE(nn.Module):
         mask = _check_series(x, t, mask)
         mean, logvar = self.encoder(x, t, mask)
         if generator is not None:
-            mean = mean + _standard_normal(mean.shape, mean, generator) * (0.5 * logvar).exp()
+            mean = mean + randn(mean.shape, mean, generator) * (0.5 * logvar).exp()
         return self.decode(mean, t[0], times)
 
     @torch.no_grad()
     def sample(self, n: int, t0: Tensor, times: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
         """Trajectories from the prior: ``(n, len(times), D)``."""
-        z0 = _standard_normal((n, self.latent_dim), next(self.parameters()), generator)
+        z0 = randn((n, self.latent_dim), next(self.parameters()), generator)
         return self.decode(z0, t0, times)
 
 
@@ -346,7 +335,7 @@ class PoissonLatentODE(LatentODE):
             raise ValueError("events is required: a (B, T) tensor of event counts on the grid t (or a boolean mask).")
         mean, logvar = self.encode(x, t, mask, events)
         x, mask, events = self._check(x, t, mask, events)
-        eps = _standard_normal(mean.shape, mean, generator)
+        eps = randn(mean.shape, mean, generator)
         z0 = mean + eps * (0.5 * logvar).exp()
         zs, big_lambda = self.trajectory_and_compensator(z0, t)
         observed = (masked_gaussian_log_likelihood(x, self.decoder(zs), self.obs_std, mask) if self.obs_dim

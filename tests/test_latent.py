@@ -123,15 +123,15 @@ def test_predict_decodes_the_posterior_mean_or_a_posterior_sample():
 def test_noise_is_drawn_on_the_generator_device_and_moved_to_the_model():
     """A CPU generator must seed a model on another device (torch.randn refuses a CUDA tensor from a
     CPU generator): the draw consumes the generator on its own device, then moves."""
-    from neuralode.latent import _standard_normal
+    from neuralode._random import randn  # what latent, cnf and flows draw with
 
     like = torch.empty(3, 4, dtype=torch.float64, device="meta")
     g, reference = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    out = _standard_normal((3, 4), like, g)
+    out = randn((3, 4), like, g)
     assert out.device.type == "meta" and out.dtype == torch.float64
     torch.randn((3, 4), generator=reference, dtype=torch.float64)
     assert torch.equal(g.get_state(), reference.get_state())  # the CPU generator was advanced, as on the CPU
-    cpu = _standard_normal((3, 4), torch.empty(0, dtype=torch.float64), torch.Generator().manual_seed(5))
+    cpu = randn((3, 4), torch.empty(0, dtype=torch.float64), torch.Generator().manual_seed(5))
     assert torch.equal(cpu, torch.randn((3, 4), generator=torch.Generator().manual_seed(5), dtype=torch.float64))
 
 
