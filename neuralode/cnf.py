@@ -191,6 +191,11 @@ class CNF(nn.Module):
     def dynamics(self) -> nn.Module:
         return self.augmented.dynamics
 
+    @property
+    def trace(self) -> str:
+        """How the divergence is computed: ``"exact"``, ``"hutchinson"`` or ``"analytic"``."""
+        return self.augmented.trace
+
     def with_(self, **changes) -> "CNF":
         """A new ``CNF`` on the *same* dynamics (shared parameters, nothing copied) with some settings changed.
 
@@ -203,10 +208,7 @@ class CNF(nn.Module):
         if unknown:
             raise TypeError(f"CNF.with_: unknown setting(s) {', '.join(map(repr, unknown))}; "
                             f"choose from {', '.join(_SETTINGS)}.")
-        settings = {name: getattr(self, name) for name in _SETTINGS if name != "trace"}
-        settings["trace"] = self.augmented.trace
-        settings.update(changes)
-        return CNF(self.dynamics, **settings)
+        return CNF(self.dynamics, **{**{name: getattr(self, name) for name in _SETTINGS}, **changes})
 
     @property
     def backward_nfe(self) -> int:
@@ -214,7 +216,7 @@ class CNF(nn.Module):
 
     def _solve(self, z: Tensor, times: list):
         """Solve the augmented state ``(z, s)``, ``z: (B, D)``, ``s(times[0]) = 0``, over ``times``."""
-        trace = self.augmented.trace
+        trace = self.trace
         noise = sample_noise(z, self.noise) if trace == "hutchinson" else None
         # The noise travels with this solve's own function object, not the module: the adjoint's
         # backward evaluates that object again, so a log_prob/transform/sample called before
