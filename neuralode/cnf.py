@@ -193,7 +193,7 @@ class CNF(nn.Module):
 
     @property
     def trace(self) -> str:
-        """How the divergence is computed: ``"exact"``, ``"hutchinson"`` or ``"analytic"``."""
+        """The way the divergence is computed, ``"exact"``, ``"hutchinson"`` or ``"analytic"``."""
         return self.augmented.trace
 
     def with_(self, **changes) -> "CNF":
