@@ -98,7 +98,10 @@ class LatentODE(nn.Module):
     Args:
         obs_dim: observation size ``D`` (2 for the spirals).
         latent_dim: latent size ``L`` (4 in the paper's spiral experiment).
-        rnn_hidden, dynamics_hidden, decoder_hidden: layer widths.
+        rnn_hidden, dynamics_hidden, decoder_hidden: layer widths. ``decoder_hidden=0`` makes the
+            decoder linear, ``x = W z + b``: it extrapolates, where a ReLU decoder maps latent states
+            beyond those seen in training to whatever its last linear pieces give (chapter 7 measures
+            the difference on the spirals).
         obs_std: the observation noise of the Gaussian likelihood.
         method, rtol, atol, options, adjoint: the latent solve (see :func:`neuralode.odeint`).
         dynamics_layers: hidden layers of the dynamics ``f`` (ELU, autonomous). The paper's spiral
@@ -117,8 +120,11 @@ class LatentODE(nn.Module):
         self.encoder = RecognitionRNN(obs_dim, latent_dim, rnn_hidden)
         self.dynamics = MLPDynamics(latent_dim, hidden=dynamics_hidden, num_layers=dynamics_layers, activation="elu",
                                     time_dependent=False)
-        self.decoder = nn.Sequential(nn.Linear(latent_dim, decoder_hidden), nn.ReLU(),
-                                     nn.Linear(decoder_hidden, obs_dim))
+        if isinstance(decoder_hidden, bool) or not isinstance(decoder_hidden, int) or decoder_hidden < 0:
+            raise ValueError(f"LatentODE: decoder_hidden must be an int >= 0 (0 for a linear decoder), got "
+                             f"{decoder_hidden!r}.")
+        self.decoder = (nn.Linear(latent_dim, obs_dim) if decoder_hidden == 0 else
+                        nn.Sequential(nn.Linear(latent_dim, decoder_hidden), nn.ReLU(), nn.Linear(decoder_hidden, obs_dim)))
         self.method, self.rtol, self.atol, self.adjoint, self.options = method, rtol, atol, adjoint, options
         self.nfe = 0
 

@@ -105,6 +105,21 @@ def test_dynamics_layers_sets_the_depth_of_f():
     assert [l.out_features for l in linears(LatentODE(latent_dim=4, dynamics_hidden=20, dynamics_layers=1))] == [20, 4]
 
 
+def test_decoder_hidden_zero_gives_a_linear_decoder_that_extrapolates_linearly():
+    torch.manual_seed(0)
+    linear = LatentODE(obs_dim=3, latent_dim=4, decoder_hidden=0).double()
+    assert isinstance(linear.decoder, torch.nn.Linear) and linear.decoder.weight.shape == (3, 4)
+    z = torch.randn(5, 4, dtype=torch.float64)
+    for scale in (1.0, 10.0, 100.0):   # affine at any distance: dec(a z1 + (1 - a) z2) = a dec(z1) + (1 - a) dec(z2)
+        z1, z2 = scale * z, -scale * z.flip(0)
+        torch.testing.assert_close(linear.decoder(0.3 * z1 + 0.7 * z2), 0.3 * linear.decoder(z1) + 0.7 * linear.decoder(z2))
+    default = LatentODE(obs_dim=3, latent_dim=4)
+    assert isinstance(default.decoder, torch.nn.Sequential) and default.decoder[0].out_features == 20
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="decoder_hidden must be an int >= 0"):
+            LatentODE(decoder_hidden=bad)
+
+
 def test_predict_decodes_the_posterior_mean_or_a_posterior_sample():
     torch.manual_seed(0)
     model = LatentODE(latent_dim=4, rtol=1e-8, atol=1e-9).double()
