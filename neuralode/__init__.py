@@ -5,7 +5,8 @@ The public API, re-exported here and nothing else.
 
 import importlib as _importlib
 
-from . import adjoint, cnf, data, densities, distributed, events, exercises, flows, latent, nets, poisson, training
+from . import (adjoint, cnf, data, densities, distributed, events, exercises, flows, latent, nets, poisson, stats,
+               training)
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .events import odeint_event
@@ -18,7 +19,7 @@ from .poisson import compensator, poisson_log_likelihood, simulate_thinning
 from ._methods import TABLEAUS
 from ._tableaus import ButcherTableau
 from ._rosenbrock import RosenbrockTableau
-from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock,
+from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock, TiedResNet,
                    count_parameters, make_classifier)
 from .training import (PROFILES, History, default_device, evaluate, fit, resolve_profile, saved_tensor_bytes,
                        seed_everything)
@@ -27,14 +28,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "odeint", "odeint_adjoint", "odeint_event", "odeint_reversible", "METHODS", "SolverStats", "AdjointStats", "ReversibleStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
-    "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
+    "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock", "TiedResNet",
     "make_classifier", "count_parameters",
     "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
     "divergence_hutchinson", "PlanarFlow", "poisson_log_likelihood", "compensator", "simulate_thinning",
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "fit", "evaluate", "History",
-    "adjoint", "cnf", "data", "densities", "distributed", "events", "exercises", "flows", "latent", "nets", "plotting", "poisson", "training",
+    "adjoint", "cnf", "data", "densities", "distributed", "events", "exercises", "flows", "latent", "nets", "plotting", "poisson", "stats",
+    "training",
 ]
 
 # Submodules loaded on first access (PEP 562), so that ``import neuralode`` imports no plotting

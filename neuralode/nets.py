@@ -17,7 +17,7 @@ from ._odeint import odeint
 from .adjoint import odeint_adjoint
 
 __all__ = ["ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock",
-           "downsampling_stem", "classifier_head", "make_classifier", "count_parameters", "CLASSIFIERS"]
+           "TiedResNet", "downsampling_stem", "classifier_head", "make_classifier", "count_parameters", "CLASSIFIERS"]
 
 _ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "softplus": nn.Softplus, "elu": nn.ELU}
 
@@ -208,6 +208,35 @@ class ResBlock(nn.Module):
         return h + self.conv2(torch.relu(self.norm2(out)))
 
 
+class TiedResNet(nn.Module):
+    """A weight-tied ResNet: one :class:`ResBlock` applied ``depth`` times,
+    :math:`h_{k+1} = h_k + f(h_k, \\theta)` for :math:`k = 0, \\dots, \\text{depth} - 1`.
+
+    The control between a ResNet (a new :math:`\\theta_k` at every depth) and an ODE-Net (one
+    :math:`\\theta`, continuous depth): it has the parameters of one block, like the ODE-Net, and
+    the discrete, fixed depth of the ResNet. It is forward Euler with step 1 on
+    :math:`\\dot h = f(h, \\theta)`, a dynamics that does not see the time.
+
+    Args:
+        channels: feature channels ``C``.
+        depth: how many times the block is applied (6, like the paper's ResNet).
+
+    Shapes: ``(B, C, H, W)`` to ``(B, C, H, W)``.
+    """
+
+    def __init__(self, channels: int = 64, depth: int = 6):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"TiedResNet: depth must be at least 1, got {depth}.")
+        self.block = ResBlock(channels)
+        self.depth = depth
+
+    def forward(self, h: Tensor) -> Tensor:
+        for _ in range(self.depth):
+            h = self.block(h)
+        return h
+
+
 def downsampling_stem(in_channels: int = 1, channels: int = 64, image_size: int = 28) -> nn.Sequential:
     """Conv 3x3, then stride-2 convs: 28x28 MNIST becomes 6x6 feature maps (two halvings); images
     smaller than 16 pixels (the 8x8 digits) are halved once, to 3x3.
@@ -226,7 +255,8 @@ def classifier_head(channels: int = 64, num_classes: int = 10) -> nn.Sequential:
                          nn.Linear(channels, num_classes))
 
 
-#: The models of the paper's Table 1, by name.
+#: The models of the paper's Table 1, by name (:func:`make_classifier` also builds the control
+#: ``"tied-resnet"``, which is not in the paper).
 CLASSIFIERS = ("mlp", "resnet", "rknet", "odenet")
 
 
@@ -237,6 +267,8 @@ def make_classifier(kind: str, *, in_channels: int = 1, image_size: int = 28, ch
 
     Args:
         kind: ``"mlp"`` (one hidden layer), ``"resnet"`` (``resnet_blocks`` residual blocks),
+            ``"tied-resnet"`` (one residual block applied ``resnet_blocks`` times,
+            :class:`TiedResNet`: the parameters of the ODE-Net's order, the ResNet's depth),
             ``"rknet"`` (the ODE function backpropagated through fixed-step RK4 with step
             ``rk_step``) or ``"odenet"`` (dopri5 at ``rtol``/``atol``, adjoint if asked).
         in_channels, image_size, num_classes: the data's shape.
@@ -251,12 +283,15 @@ def make_classifier(kind: str, *, in_channels: int = 1, image_size: int = 28, ch
                              nn.Linear(mlp_hidden, num_classes))
     if kind == "resnet":
         feature = nn.Sequential(*[ResBlock(channels) for _ in range(resnet_blocks)])
+    elif kind == "tied-resnet":
+        feature = TiedResNet(channels, resnet_blocks)
     elif kind == "rknet":
         feature = ODEBlock(ConvODEFunc(channels), method="rk4", options={"step_size": rk_step})
     elif kind == "odenet":
         feature = ODEBlock(ConvODEFunc(channels), rtol=rtol, atol=atol, adjoint=adjoint)
     else:
-        raise ValueError(f"make_classifier: unknown kind {kind!r}; choose one of {', '.join(CLASSIFIERS)}.")
+        raise ValueError(f"make_classifier: unknown kind {kind!r}; choose one of "
+                         f"{', '.join(CLASSIFIERS + ('tied-resnet',))}.")
     return nn.Sequential(downsampling_stem(in_channels, channels, image_size), feature,
                          classifier_head(channels, num_classes))
 

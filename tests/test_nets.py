@@ -83,3 +83,33 @@ def test_ode_block_with_the_adjoint_gives_backprops_gradients_and_counts_backwar
         grads[adjoint] = torch.cat([p.grad.reshape(-1) for p in f.parameters()])
         assert (block.backward_nfe > 0) == adjoint
     assert torch.allclose(grads[True], grads[False], rtol=1e-5, atol=1e-8)
+
+
+def test_tied_resnet_shares_one_block_at_every_depth():
+    torch.manual_seed(0)
+    tied = node.make_classifier("tied-resnet", channels=16)
+    untied = node.make_classifier("resnet", channels=16)
+    odenet = node.make_classifier("odenet", channels=16)
+    feature = tied[1]
+    assert isinstance(feature, node.nets.TiedResNet) and feature.depth == 6
+    # One block's parameters: the stem and head plus a single ResBlock, the ODE-Net's order
+    # (its ODE function has a few per-channel parameters more), not the six-block ResNet's.
+    block = node.count_parameters(node.ResBlock(16))
+    stem_head = node.count_parameters(untied) - node.count_parameters(untied[1])
+    assert node.count_parameters(tied) == stem_head + block
+    assert node.count_parameters(untied) == stem_head + 6 * block
+    assert abs(node.count_parameters(tied) - node.count_parameters(odenet)) < 0.05 * node.count_parameters(odenet)
+    # The same block acts at every depth: applying it six times by hand gives the output, and a
+    # gradient reaches the one set of weights from all six applications.
+    h = torch.randn(2, 16, 6, 6)
+    expected = h
+    for _ in range(6):
+        expected = feature.block(expected)
+    assert torch.allclose(feature(h), expected)
+    feature(h).square().sum().backward()
+    grads = [p.grad for p in feature.parameters()]
+    assert len(grads) == len(list(feature.block.parameters())) and all(g is not None for g in grads)
+    logits = tied(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="depth"):
+        node.nets.TiedResNet(16, depth=0)
