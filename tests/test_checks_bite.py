@@ -173,6 +173,26 @@ MUTATIONS = [
         caught_by=r"scratch and library estimates differ by",
     ),
     Mutation(
+        name="logit-logdet-drops-alpha",
+        chapter="06_ffjord",
+        bug="dequantize_logit's log-determinant omits the D log(1 - 2 alpha) term of (ch6-logit), so every "
+            "bits/dim is off by a constant (neuralode.images.dequantize_logit).",
+        code="""
+            import math
+            from neuralode import images
+
+            dequantize_logit = images.dequantize_logit
+
+            def dropped_alpha(n, u, levels, alpha=images.DEFAULT_ALPHA):
+                y, log_det = dequantize_logit(n, u, levels, alpha)
+                return y, log_det - n.shape[1] * math.log(1 - 2 * alpha)
+
+            images.dequantize_logit = dropped_alpha
+        """,
+        stop_at="assert scratch_vs_library_bpd < 1e-9 and inverse_err < 1e-9",
+        caught_by=r"the scratch maps and the library's should agree",
+    ),
+    Mutation(
         name="elbo-drops-kl",
         chapter="07_latent_ode",
         bug="LatentODE.elbo returns the log-likelihood as the ELBO: the KL term is computed and reported "
