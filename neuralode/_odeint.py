@@ -177,16 +177,19 @@ def _check_tolerance(name: str, value):
     return float(value)
 
 
-def _all_zero(tol) -> bool:
+def _zero_entries(tol) -> list:
+    """Per tolerance entry (a float, or each element of a tensor, through nested tuples): is it zero?"""
     if isinstance(tol, tuple):
-        return all(_all_zero(t) for t in tol)
-    return not bool((tol != 0).any()) if isinstance(tol, Tensor) else tol == 0
+        return [z for t in tol for z in _zero_entries(t)]
+    return (tol == 0).flatten().tolist() if isinstance(tol, Tensor) else [tol == 0]
+
+
+def _all_zero(tol) -> bool:
+    return all(_zero_entries(tol))
 
 
 def _any_zero(tol) -> bool:
-    if isinstance(tol, tuple):
-        return any(_any_zero(t) for t in tol)
-    return bool((tol == 0).any()) if isinstance(tol, Tensor) else tol == 0
+    return any(_zero_entries(tol))
 
 
 class _Solver(NamedTuple):

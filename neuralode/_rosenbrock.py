@@ -357,7 +357,7 @@ class _Reattach(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, y_leaf, y, *outs):
-        ctx.y_leaf, ctx.outs = y_leaf, outs
+        ctx.save_for_backward(y_leaf, *outs)   # inputs: their graphs stay attached, and in-place edits are caught
         return tuple(o.view_as(o) for o in outs)
 
     @staticmethod
@@ -367,11 +367,12 @@ class _Reattach(torch.autograd.Function):
         "gradient is computed without a graph, so a second derivative would miss terms. Use an explicit "
         "method such as 'dopri5' for higher-order gradients.")
     def backward(ctx, *grads):
-        pairs = [(o, g) for o, g in zip(ctx.outs, grads) if g is not None and o.requires_grad]
+        y_leaf, *saved = ctx.saved_tensors
+        pairs = [(o, g) for o, g in zip(saved, grads) if g is not None and o.requires_grad]
         grad_y = None
         if pairs:
             outs, gs = zip(*pairs)
-            (grad_y,) = torch.autograd.grad(outs, ctx.y_leaf, gs, retain_graph=True, allow_unused=True)
+            (grad_y,) = torch.autograd.grad(outs, y_leaf, gs, retain_graph=True, allow_unused=True)
         return (None, grad_y, *grads)
 
 
