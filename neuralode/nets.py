@@ -255,7 +255,7 @@ def classifier_head(channels: int = 64, num_classes: int = 10) -> nn.Sequential:
                          nn.Linear(channels, num_classes))
 
 
-#: The models of the paper's Table 1, by name (:func:`make_classifier` also builds the control
+#: The models of the paper's Table 1, by name (``make_classifier`` also builds the control
 #: ``"tied-resnet"``, which is not in the paper).
 CLASSIFIERS = ("mlp", "resnet", "rknet", "odenet")
 
