@@ -41,8 +41,8 @@ from .nets import ConcatConv2d
 __all__ = ["dequantize_logit", "logit_inverse", "bits_per_dim", "Dequantized", "ConvCNFDynamics", "GaussianCNF",
            "pool_levels", "DEFAULT_ALPHA"]
 
-#: The logit transform's margin :math:`\alpha` used by chapter 6 (FFJORD's MNIST default is 1e-6;
-#: a larger margin keeps the logit away from its infinite ends, which small models on a CPU like).
+#: The default margin :math:`\alpha` of the logit transform. Chapter 6 passes FFJORD's MNIST value,
+#: 1e-6, explicitly; this larger default keeps the logit away from its infinite ends.
 DEFAULT_ALPHA = 0.05
 
 
