@@ -229,12 +229,19 @@ class CNF(nn.Module):
         self.nfe = self.stats.nfe
         return zs[-1], ss[-1]
 
+    def inverse_transform(self, x: Tensor) -> tuple:
+        """Carry data ``(B, D)`` from ``t1`` back to ``t0``: returns ``(z0, s0)``, ``(B, D)`` and ``(B,)``,
+        with :math:`s_0 = -\\int_{t_0}^{t_1} \\operatorname{tr}(\\partial f / \\partial z)\\,dt`, so that
+        :math:`\\log p(x) = \\log p_0(z_0) + s_0` for any base density :math:`p_0` (:meth:`log_prob` uses
+        the standard normal; a model with another base, such as :class:`neuralode.images.GaussianCNF`,
+        adds its own)."""
+        if x.dim() != 2:
+            raise ValueError(f"CNF: x must have shape (batch, dim), got {tuple(x.shape)}.")
+        return self._solve(x, [self.t1, self.t0])
+
     def log_prob(self, x: Tensor) -> Tensor:
         """:math:`\\log p(x)`: ``(B, D)`` to ``(B,)``, solving from the data at ``t1`` back to ``t0``."""
-        if x.dim() != 2:
-            raise ValueError(f"CNF.log_prob: x must have shape (batch, dim), got {tuple(x.shape)}.")
-        z0, s0 = self._solve(x, [self.t1, self.t0])
-        # s(t0) = -int_{t0}^{t1} tr(df/dz) dt, so log p(x) = log N(z(t0)) + s(t0).
+        z0, s0 = self.inverse_transform(x)
         return standard_normal_log_prob(z0) + s0
 
     def transform(self, z0: Tensor) -> tuple:

@@ -281,7 +281,7 @@ class GaussianCNF(nn.Module):
     def log_prob(self, y: Tensor) -> Tensor:
         r""":math:`\log p_Y(y)`: ``(B, D)`` to ``(B,)``."""
         x = (y - self.mean) / self.scale
-        z0, s0 = self.cnf._solve(x, [self.cnf.t1, self.cnf.t0])
+        z0, s0 = self.cnf.inverse_transform(x)
         return self._correlated_log_prob(z0) + s0 - self.scale.log().sum()
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Tensor:

@@ -53,6 +53,12 @@ def test_sample_then_log_prob_round_trip():
     assert x.shape == (6, 2) and torch.isfinite(x).all()
     assert torch.allclose(cnf.log_prob(x), log_px, atol=1e-6)
     assert cnf.sample(4).shape == (4, 2)
+    # inverse_transform undoes transform, and its s0 is minus the forward one's integral of the trace.
+    z_back, s0 = cnf.inverse_transform(x)
+    assert torch.allclose(z_back, z0, atol=1e-6)
+    assert torch.allclose(s0, log_px - standard_normal_log_prob(z0), atol=1e-6)
+    with pytest.raises(ValueError, match=r"shape \(batch, dim\)"):
+        cnf.inverse_transform(x[0])
 
 
 @pytest.mark.parametrize("noise", ["rademacher", "gaussian"])
