@@ -39,8 +39,12 @@ DROP_STALE_CACHE = mkdir -p _build; key="$(CACHE_KEY)"; \
 		rm -rf _build/.jupyter_cache; echo "$$key" > _build/.cache-key; \
 	fi
 
+# The chapters execute BOOK_JOBS at a time (default: one per core) into the execution cache before the
+# build, which then finds them all there (tools/execute_book.py; the build alone would run them in turn).
+BOOK_JOBS ?=
 book: $(STAMP)
 	@$(DROP_STALE_CACHE)
+	$(BIN)/python tools/execute_book.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS))
 	$(BIN)/jupyter-book build . --keep-going
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
