@@ -1,6 +1,6 @@
 # make book: build the book (executes every chapter, cpu profile on a machine without CUDA).
 # make test: the whole test suite (library, every chapter in the smoke profile, strict book build).
-# Both bootstrap .venv with `python3 -m venv` and install `-e .[book,test]`; nothing is downloaded
+# Both bootstrap .venv with `python3 -m venv` and install `-e .[chapters,book,test]` (pins: constraints.txt); nothing is downloaded
 # at build time, so they work offline once the packages are installable.
 
 PYTHON ?= python3
@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m 'not notebooks'"`.
 PYTEST_ARGS ?=
 
-.PHONY: book test bench student grade clean help
+.PHONY: book test bench student grade colab-check clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -19,20 +19,21 @@ help:
 	@echo "make bench  time neuralode against torchdiffeq and draw work-precision diagrams (benchmarks/results; QUICK=1 for a quick try)"
 	@echo "make student  write the student notebooks, the autograders and the book's HTML without solutions into _build/course"
 	@echo "make grade SUBMISSIONS=dir  grade a folder of submitted notebooks (runs students' code!); writes dir/scores.csv"
+	@echo "make colab-check  install the library beside Colab's torch 2.11 on Python 3.13 and run its tests and chapter 1 there (downloads a second torch)"
 	@echo "make clean  remove _build (the virtual environment .venv stays)"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The install is a stamp file: it reruns only when pyproject.toml changes. (-qq: errors only;
+# The install is a stamp file: it reruns only when pyproject.toml or constraints.txt changes. (-qq: errors only;
 # -q would still list every local package index the machine config points at.)
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -qq --disable-pip-version-check -e '.[book,test]'
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -qq --disable-pip-version-check -c constraints.txt -e '.[chapters,book,test]'
 	@touch $@
 
 # The execution cache only notices changes to a notebook's own cells. Drop it when the library,
 # the installed packages or the run profile change, so that the book shows what the code computes now.
-CACHE_KEY = $$(cat neuralode/*.py pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)-profile=$${NEURALODE_PROFILE:-auto}
+CACHE_KEY = $$(cat neuralode/*.py pyproject.toml constraints.txt 2>/dev/null | sha256sum | cut -c1-16)-profile=$${NEURALODE_PROFILE:-auto}
 
 DROP_STALE_CACHE = mkdir -p _build; key="$(CACHE_KEY)"; \
 	if [ "$$(cat _build/.cache-key 2>/dev/null)" != "$$key" ]; then \
@@ -75,6 +76,11 @@ TIMEOUT     ?= 600
 JOBS        ?= 1
 grade: $(STAMP)
 	$(BIN)/python tools/course.py grade "$(SUBMISSIONS)" --course "$(COURSE)" --timeout $(TIMEOUT) --jobs $(JOBS)
+
+# Colab's stack (Python 3.13, torch 2.11) in a virtual environment of its own, _build/colab-venv: the library
+# must install beside that torch without changing it. Not part of `make test` (a few GB to download).
+colab-check:
+	bash tools/colab_check.sh
 
 clean:
 	rm -rf _build

@@ -98,9 +98,11 @@ def test_environment_yml_pins_match_pyproject():
     wanted = _pins(project["dependencies"])
     for extra in project["optional-dependencies"].values():
         wanted.update(_pins(extra))
+    wanted.update(_pins((ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()))
     env = load_yaml(ROOT / "environment.yml")
     pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict) and "pip" in d)
-    assert _pins(pip_section) == wanted, "environment.yml's pip pins differ from pyproject.toml's"
+    assert _pins(pip_section) == wanted, "environment.yml's pip pins differ from pyproject.toml's and constraints.txt's"
+    assert "-e .[chapters,book,test]" in pip_section, "environment.yml must install the extras make installs"
     assert any(str(d).startswith("python=3.11") for d in env["dependencies"])
 
 
