@@ -11,9 +11,11 @@ the hooks that see every accepted step.
 The state is a single tensor ``y`` (the front door flattens tuple states); time is a Python float
 (float64) whatever the state's dtype, so step-size control happens on the host. An adaptive solve
 synchronises host and device once per attempted step, to read the error ratio that decides
-accept or reject; a fixed-step one once per solve (see :class:`FixedSteps`). The Rosenbrock
-stepper adds its own synchronisations (a singular-matrix flag per step, a stiffness test per step
-with outputs inside it).
+accept or reject; a fixed-step one once per solve (see :class:`FixedSteps`). Both add a few per
+solve (the first step's estimate, the final finiteness check). The Rosenbrock stepper adds one per
+accepted step with outputs inside it (its stiffness test for the dense output); a singular ``W``
+shows up as a NaN error ratio, so it costs nothing on the steps that go well.
+``tests/test_syncs.py`` counts them.
 
 References: Hairer, Norsett & Wanner, *Solving Ordinary Differential Equations I* (2nd ed.,
 1993), section II.4 (error norm, automatic first step, step-size control) and II.6 (dense output);
@@ -528,6 +530,14 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
             h = h * control.retry(t, t1)
             continue
         ratio = control.judge(step)
+        if ratio != ratio and bool(getattr(step, "singular", False)):
+            # A Rosenbrock step whose W was singular (its error is NaN): retry a smaller one, as
+            # above. The flag is read only here, on a NaN ratio, so it costs no synchronisation
+            # on the steps that go well.
+            for hook in on_reject:
+                hook(t, y, t1 - t)
+            h = h * control.retry(t, t1)
+            continue
         if ratio <= 1.0:  # accept (False for NaN)
             step.jump = jump
             # After a jump the next step starts afresh from f's right limit (no FSAL across it).

@@ -533,20 +533,21 @@ class _Setup:
     def call(self, t_tensor: Tensor, y: Tensor) -> Tensor:
         """``func`` on the engine's state ``y`` (flat or not), returned in the same layout."""
         if not self.flat:
-            out = self.func(t_tensor, y)
-            _check_output(out, 0, self.shapes[0], self.dtype, False)
+            out = _from_autocast(self.func(t_tensor, y), self.dtype)
+            _check_output(out, 0, self.shapes[0], self.dtype, False, self.device)
             return out
         state = self.unflatten(y)
         if not self.is_tuple:
-            out = self.func(t_tensor, state[0])
-            _check_output(out, 0, self.shapes[0], self.dtype, False)
+            out = _from_autocast(self.func(t_tensor, state[0]), self.dtype)
+            _check_output(out, 0, self.shapes[0], self.dtype, False, self.device)
             return out.reshape(-1)
         outs = self.func(t_tensor, state)
         if not isinstance(outs, (tuple, list)) or len(outs) != len(self.parts):
             raise ValueError(f"odeint: y0 is a tuple of {len(self.parts)} tensors, so func must return a "
                              f"tuple of {len(self.parts)} tensors, got {type(outs).__name__}.")
+        outs = [_from_autocast(out, self.dtype) for out in outs]
         for i, (out, shape) in enumerate(zip(outs, self.shapes)):
-            _check_output(out, i, shape, self.dtype, True)
+            _check_output(out, i, shape, self.dtype, True, self.device)
         return self.flatten(outs)
 
     def time(self, s: Union[float, Tensor]) -> Tensor:
@@ -579,8 +580,9 @@ class _Setup:
             else:
                 s = torch.scalar_tensor(s, dtype=dtype, device=device)
             out = func(s, y)
-            if not isinstance(out, Tensor) or out.shape != shape or out.dtype != dtype:
-                _check_output(out, 0, shape, dtype, False)  # raises, saying what is wrong
+            if not isinstance(out, Tensor) or out.shape != shape or out.dtype != dtype or out.device != device:
+                out = _from_autocast(out, dtype)
+                _check_output(out, 0, shape, dtype, False, device)  # raises, saying what is wrong
             return out
 
         return f_tensor
@@ -636,7 +638,21 @@ def _describe(value) -> str:
     return f"a tuple of {len(value)}" if isinstance(value, tuple) else repr(value)
 
 
-def _check_output(out, index: int, shape, dtype, is_tuple: bool) -> None:
+def _from_autocast(out, dtype: torch.dtype):
+    """``out`` in the state's ``dtype`` when ``torch.autocast`` made it lower precision, else unchanged.
+
+    Under autocast, layers such as ``nn.Linear`` return float16 or bfloat16 whatever their input; the
+    solver keeps its state, stages and error estimate in the state's dtype (as torchdiffeq does), so
+    only the evaluations of ``func`` run in low precision. Outside autocast a dtype mismatch is the
+    user's bug and :func:`_check_output` reports it.
+    """
+    if (isinstance(out, Tensor) and out.dtype != dtype and out.is_floating_point() and dtype.is_floating_point
+            and torch.is_autocast_enabled(out.device.type)):
+        return out.to(dtype)
+    return out
+
+
+def _check_output(out, index: int, shape, dtype, is_tuple: bool, device=None) -> None:
     name = f"func(t, y)[{index}]" if is_tuple else "func(t, y)"
     if not isinstance(out, Tensor):
         raise TypeError(f"odeint: {name} must return a tensor, got {type(out).__name__}.")
@@ -646,3 +662,6 @@ def _check_output(out, index: int, shape, dtype, is_tuple: bool) -> None:
     if out.dtype != dtype:
         raise TypeError(f"odeint: {name} returned dtype {out.dtype}, but the state is {dtype}; "
                         "keep the dynamics in the state's dtype (e.g. call .to(y.dtype) on parameters).")
+    if device is not None and out.device != device:
+        raise RuntimeError(f"odeint: {name} returned a tensor on {out.device}, but the state is on {device}; "
+                           "keep the dynamics on the state's device (e.g. model.to(y0.device)).")

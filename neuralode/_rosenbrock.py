@@ -384,7 +384,9 @@ class _Linear:
         self.lu, self.pivots, info = torch.linalg.lu_factor_ex(eye - hg * jac)
         self.mode, self.shape, self.stats = mode, shape, stats
         stats.n_lu += 1
-        self.singular = bool((info != 0).any())
+        # A 0-d bool tensor, not a Python bool: reading it would cost a host-device synchronisation
+        # per step. The step folds it into its error (NaN), and the loop reads it only then.
+        self.singular = (info != 0).any()
 
     def solve(self, r: Tensor) -> Tensor:
         self.stats.n_solves += 1
@@ -442,11 +444,12 @@ def _curvature(jac: Tensor, f0: Tensor, f_t: Optional[Tensor], mode: str, shape)
 
 
 class _RosenbrockStep(Step):
-    __slots__ = ("us", "f0", "jac", "f_t")
+    __slots__ = ("us", "f0", "jac", "f_t", "singular")
 
-    def __init__(self, t, t1, y, y1, err, us, f0, jac, f_t):
+    def __init__(self, t, t1, y, y1, err, us, f0, jac, f_t, singular):
         super().__init__(t, t1, y, y1, err)
         self.us, self.f0, self.jac, self.f_t = us, f0, jac, f_t
+        self.singular = singular  # 0-d bool tensor: W was singular (the error is then NaN)
 
 
 class Rosenbrock:
@@ -482,14 +485,15 @@ class Rosenbrock:
         self.f0, self.jac, self.f_t = self.jacobian(t0, y0)
         return self.f0
 
-    def attempt(self, func: Dynamics, t: float, y: Tensor, t1: float) -> Optional[_RosenbrockStep]:
-        """One step to ``t1``, or ``None`` when ``W`` is singular (the controller then halves h)."""
+    def attempt(self, func: Dynamics, t: float, y: Tensor, t1: float) -> _RosenbrockStep:
+        """One step to ``t1``. When ``W`` is singular the step's error is NaN, so the step is
+        rejected, and ``step.singular`` tells the loop to retry with half the step: no
+        synchronisation of its own (the error ratio's is the step's only one)."""
         h = t1 - t
         linear = _Linear(self.jac, h * self.tab.gamma, self.mode, self.shape, self.stats)
-        if linear.singular:
-            return None
         y1, err, us = _step(func, self.tab, t, y, self.f0, self.f_t, linear, h)
-        return _RosenbrockStep(t, t1, y, y1, err, us, self.f0, self.jac, self.f_t)
+        err = torch.where(linear.singular, torch.full_like(err, math.nan), err)
+        return _RosenbrockStep(t, t1, y, y1, err, us, self.f0, self.jac, self.f_t, linear.singular)
 
     def accept(self, func: Dynamics, step: _RosenbrockStep, last: bool, start: Optional[float] = None) -> None:
         # The next step's f, J and f_t, at its start (not needed after the last step); past a jump

@@ -126,3 +126,36 @@ def test_too_many_steps_fails_fast():
     with pytest.raises(RuntimeError, match=r"max_num_steps=5 reached at t=.*options=\{'max_num_steps'"):
         node.odeint(lambda t, y: torch.cos(50 * t) * y, Y0.double(), [0.0, 10.0],
                     options={"max_num_steps": 5})
+
+
+def test_dynamics_on_another_device_are_named():
+    # A tensor on another device than the state (here the "meta" device, which any machine has) is
+    # reported with both devices, not left to fail somewhere inside the solver.
+    with pytest.raises(RuntimeError, match="returned a tensor on meta, but the state is on cpu"):
+        node.odeint(lambda t, y: torch.zeros_like(y, device="meta"), Y0, [0.0, 1.0])
+    with pytest.raises(RuntimeError, match=r"func\(t, y\)\[1\] returned a tensor on meta"):
+        node.odeint(lambda t, y: (y[0], torch.zeros_like(y[1], device="meta")), (Y0, Y0), [0.0, 1.0])
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rk4", "rodas4"])
+@pytest.mark.parametrize("adjoint", [False, True])
+def test_autocast_runs_the_dynamics_in_low_precision_and_keeps_the_state(method, adjoint):
+    # Under torch.autocast an nn.Linear returns bfloat16 while the state is float32: the solver casts
+    # each evaluation back (torchdiffeq's behaviour), instead of refusing the dtype. Outside autocast
+    # the same mismatch stays an error (test above).
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    y0 = torch.randn(4, 3)
+    solve = node.odeint_adjoint if adjoint else node.odeint
+    kwargs = dict(adjoint_params=tuple(net.parameters())) if adjoint else {}
+    options = {"step_size": 0.1} if method == "rk4" else None
+    reference = solve(lambda t, y: net(y), y0, [0.0, 1.0], method=method, rtol=1e-3, atol=1e-4,
+                      options=options, **kwargs)[-1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = solve(lambda t, y: net(y), y0, [0.0, 1.0], method=method, rtol=1e-3, atol=1e-4,
+                    options=options, **kwargs)[-1]
+        assert net(y0).dtype == torch.bfloat16  # autocast is really on
+    assert out.dtype == torch.float32
+    assert (out - reference).abs().max() < 0.05   # bfloat16 keeps about 3 significant digits
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
