@@ -461,6 +461,32 @@ class FixedSteps:
         _check_outputs(outputs, t_out, first_bad_step)
 
 
+class ReplaySteps(FixedSteps):
+    """Steps that end exactly at ``ends``, the accepted step ends of an earlier adaptive solve over the
+    same interval, every one accepted.
+
+    The checkpointed adjoint re-solves each segment to backpropagate through it. An adaptive re-solve
+    takes the forward's steps only if its arithmetic is bit for bit the same; with nondeterministic
+    GPU kernels (atomics, cuDNN autotuning, TF32) an accept/reject decision at the margin can flip,
+    and the gradient would belong to another discretisation than the forward's. Replaying the
+    recorded steps cannot flip. Jumps of ``f`` (``options["jump_t"]``) are taken as the adaptive
+    solve took them (their stages see the left limit).
+    """
+
+    def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats, ends: Sequence[float]):
+        super().__init__({"step_size": None, "grid": None, "max_num_steps": None, "perturb": False}, t_out, stats)
+        if not ends or ends[-1] != t_out[-1]:
+            raise ValueError(f"replay: the step ends must finish at t_out[-1] = {t_out[-1]!r}, got "
+                             f"{list(ends)[-3:]!r}")
+        self.grid, self.n_steps = [t_out[0], *ends], len(ends)
+        t0, t1 = t_out[0], t_out[-1]
+        self.jumps = {float(s) for s in (options.get("jump_t") or ())
+                      if (s - t0) * self.direction > 0 and (t1 - s) * self.direction > 0}
+
+    def is_jump(self, t1: float) -> bool:
+        return t1 in self.jumps
+
+
 def _check_outputs(outputs: Tensor, t_out: Sequence[float], where: Callable[[int], float]) -> None:
     with torch.no_grad():
         finite = torch.isfinite(outputs.reshape(len(t_out), -1)).all(dim=1)

@@ -12,7 +12,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
-from ._loop import ADAPTIVE_OPTIONS, FIXED_OPTIONS, FixedSteps, SolverStats, StepControl, integrate
+from ._loop import ADAPTIVE_OPTIONS, FIXED_OPTIONS, FixedSteps, ReplaySteps, SolverStats, StepControl, integrate
 from ._rk import ExplicitRK
 from ._rosenbrock import RODAS4, ROSENBROCK_OPTIONS, Rosenbrock, RosenbrockTableau
 from ._tableaus import EXPLICIT_TABLEAUS as _EXPLICIT
@@ -65,7 +65,8 @@ METHODS: Tuple[str, ...] = tuple(REGISTRY)
 def solve(method: Method, func: Callable[[float, Tensor], Tensor], y0: Tensor, t_out: Sequence[float], *,
           rtol: Union[float, Tensor], atol: Union[float, Tensor], norm: Callable[[Tensor], Tensor], options: dict, stats: SolverStats,
           shape: Optional[torch.Size] = None, on_accept: Sequence[Callable] = (),
-          on_attempt: Sequence[Callable] = (), on_reject: Sequence[Callable] = ()) -> Tensor:
+          on_attempt: Sequence[Callable] = (), on_reject: Sequence[Callable] = (),
+          replay: Optional[Sequence[float]] = None) -> Tensor:
     """Integrate ``y' = func(t, y)`` with ``method`` and return ``y`` at every time in ``t_out``.
 
     Args:
@@ -84,6 +85,9 @@ def solve(method: Method, func: Callable[[float, Tensor], Tensor], y0: Tensor, t
             ``options["jacobian"] == "batched"``); default ``y0.shape``.
         on_accept, on_attempt, on_reject: hooks run after every accepted step, before every
             attempted one and after every rejected one (see :func:`neuralode._loop.integrate`).
+        replay: for an adaptive method, the accepted step ends of an earlier solve over ``t_out``
+            (``stats.step_times``): take exactly those steps, accepting each
+            (:class:`neuralode._loop.ReplaySteps`), instead of choosing steps again.
 
     Returns:
         The states at ``t_out``: shape ``(len(t_out), *S)``.
@@ -91,7 +95,9 @@ def solve(method: Method, func: Callable[[float, Tensor], Tensor], y0: Tensor, t
     if len(t_out) == 1:
         return y0.unsqueeze(0)
     stepper = method.stepper(method.tableau, options, stats, y0.shape if shape is None else shape)
-    if method.adaptive:
+    if method.adaptive and replay is not None:
+        control = ReplaySteps(options, t_out, stats, replay)
+    elif method.adaptive:
         control = StepControl(options, stepper, t_out, rtol, atol, norm, stats)
     else:
         control = FixedSteps(options, t_out, stats)

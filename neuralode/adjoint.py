@@ -100,8 +100,10 @@ def odeint_adjoint(
         checkpoints: ``None`` (default) for the backsolve adjoint: memory independent of the
             number of steps. An integer ``K >= 1`` splits ``[t_0, t_N]`` into ``K`` segments of equal
             length: the forward pass solves them one after another and keeps the ``K + 1``
-            boundary states; the backward pass re-solves each segment forward from its stored
-            state and backpropagates through it. The gradient is then exact for the computation
+            boundary states and each segment's accepted step times; the backward pass re-solves
+            each segment forward from its stored state, taking exactly those steps (so rounding
+            differences, e.g. nondeterministic GPU kernels, cannot change an accept/reject decision),
+            and backpropagates through it. The gradient is then exact for the computation
             performed (no backward reconstruction, no drift), at the cost of memory for ``K``
             states plus one segment's graph, O(K + N/K) for N steps.
         event_fn: solve until ``event_fn(t, y)`` changes sign and return ``(event_t, ys)``, as for
@@ -215,9 +217,11 @@ class _Adjoint(torch.autograd.Function):
                 ys = solve(setup.method, dynamics, y0, setup.times, **settings, **setup.callbacks())
                 saved = ()
             else:
-                ys, states = [y0.unsqueeze(0)], [y0]
+                ys, states, ctx.step_ends = [y0.unsqueeze(0)], [y0], []
                 for grid, interior, last in _segments(setup.times, checkpoints):
+                    first = len(stats.step_times)
                     seg = solve(setup.method, dynamics, states[-1], grid, **settings, **setup.callbacks())
+                    ctx.step_ends.append(stats.step_times[first:])  # the segment's steps, replayed in backward
                     ys.append(seg[1:-1] if last is None else seg[1:])
                     states.append(seg[-1])
                 ys = torch.cat(ys)
@@ -242,7 +246,8 @@ class _Adjoint(torch.autograd.Function):
         if ctx.checkpoints is None:
             grad_y0, grad_params = _backsolve(setup, back, ctx.seminorm, stats, ys, grad_ys, params)
         else:
-            grad_y0, grad_params = _resolve_segments(setup, ctx.checkpoints, stats, states, grad_ys, params)
+            grad_y0, grad_params = _resolve_segments(setup, ctx.checkpoints, stats, states, grad_ys, params,
+                                                     ctx.step_ends)
         grad_t = None
         if ctx.t_requires_grad:
             # z(t_i) moves with t_i along the trajectory: dL/dt_i = g_i . f(t_i, z_i) for i >= 1.
@@ -361,8 +366,9 @@ def _augmented_tolerance(tol, n_params: int):
     return torch.cat([tol, tol, tol.min().expand(n_params)])
 
 
-def _resolve_segments(setup, k, stats, states, grad_ys, params):
-    """Checkpointed gradients: re-solve each segment forward from its stored state, backprop through it."""
+def _resolve_segments(setup, k, stats, states, grad_ys, params, step_ends):
+    """Checkpointed gradients: re-solve each segment forward from its stored state, taking the
+    forward's steps (``step_ends``, replayed), and backprop through it."""
     times = setup.times
     seg_stats = SolverStats()
     dynamics = setup.dynamics(seg_stats)
@@ -373,9 +379,11 @@ def _resolve_segments(setup, k, stats, states, grad_ys, params):
         grid, interior, last = segments[idx]
         with torch.enable_grad():
             z = states[idx].detach().requires_grad_(True)
-            # The same calls as the forward pass, so the same steps: the re-solve reproduces it.
+            # The forward's steps, replayed (not chosen again): a re-solve whose arithmetic differs by
+            # rounding (nondeterministic GPU kernels) still differentiates the forward's discretisation.
             outs = solve(setup.method, dynamics, z, grid, rtol=setup.rtol, atol=setup.atol,
-                         norm=setup.norm, options=setup.options, stats=seg_stats, shape=setup.shape)
+                         norm=setup.norm, options=setup.options, stats=seg_stats, shape=setup.shape,
+                         replay=step_ends[idx])
             end_grad = a if last is None else a + grad_ys[last]
             grads = _vjp([outs[1:]], (z,) + params, [torch.stack([grad_ys[j] for j in interior] + [end_grad])])
         a = grads[0]

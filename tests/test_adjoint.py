@@ -220,3 +220,32 @@ def test_peak_saved_bytes_sees_what_the_checkpointed_backward_builds():
 def test_bad_backward_settings_name_the_adjoint_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
         node.odeint_adjoint(lambda t, y: -y, torch.ones(2), [0.0, 1.0], adjoint_params=(), **kwargs)
+
+
+@pytest.mark.parametrize("method", ["dopri5", "rodas4"])
+def test_checkpointed_resolve_replays_the_forward_steps(method):
+    # The re-solve must take the forward's accepted steps, not choose steps again: with arithmetic that
+    # differs by rounding (nondeterministic GPU kernels), an accept/reject decision at the margin
+    # could otherwise flip and the gradient would belong to another discretisation. Here the
+    # dynamics add a different tiny perturbation at every call, so that no two solves compute the
+    # same numbers, and the forward solve has rejected steps that a replay must not repeat.
+    calls = [0]
+    a = torch.nn.Parameter(torch.tensor(2.0, dtype=torch.float64))
+
+    def f(t, y):
+        calls[0] += 1
+        wobble = 1 + 1e-12 * (calls[0] % 7)
+        return torch.stack([y[..., 1], -a * y[..., 0] * wobble + torch.sin(3 * t)], -1)
+
+    y0 = torch.tensor([[1.0, 0.0], [0.5, 0.5]], dtype=torch.float64)
+    ys, stats = node.odeint_adjoint(f, y0, [0.0, 6.0], method=method, rtol=1e-5, atol=1e-7, checkpoints=3,
+                                    return_stats=True, adjoint_params=(a,))
+    ys[-1].sum().backward()
+    assert stats.n_rejected > 0, "the test needs a forward solve with rejected steps"
+    assert (stats.backward_n_accepted, stats.backward_n_rejected) == (stats.n_accepted, 0)
+    # And the gradient agrees with backprop through one solve of the whole interval (whose steps differ
+    # from the three segments', hence the solver-tolerance agreement, not rounding).
+    grad_adjoint = a.grad.clone()
+    a.grad = None
+    node.odeint(f, y0, [0.0, 6.0], method=method, rtol=1e-5, atol=1e-7)[-1].sum().backward()
+    assert torch.allclose(grad_adjoint, a.grad, rtol=1e-4)
