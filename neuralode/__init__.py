@@ -21,8 +21,8 @@ from ._tableaus import ButcherTableau
 from ._rosenbrock import RosenbrockTableau
 from .nets import (Augment, ConcatConv2d, ConcatLinear, ConvODEFunc, MLPDynamics, ODEBlock, ResBlock, TiedResNet,
                    count_parameters, make_classifier)
-from .training import (PROFILES, History, default_device, evaluate, fit, resolve_profile, saved_tensor_bytes,
-                       seed_everything)
+from .training import (PROFILES, History, checkpoint_dir, default_device, evaluate, fit, resolve_profile,
+                       saved_tensor_bytes, seed_everything)
 
 __version__ = "0.1.0"
 
@@ -34,7 +34,7 @@ __all__ = [
     "divergence_hutchinson", "PlanarFlow", "poisson_log_likelihood", "compensator", "simulate_thinning",
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
-    "fit", "evaluate", "History",
+    "checkpoint_dir", "fit", "evaluate", "History",
     "adjoint", "cnf", "data", "densities", "distributed", "events", "exercises", "flows", "images", "latent", "ledger", "nets", "plotting", "poisson", "stats",
     "training",
 ]

@@ -43,6 +43,7 @@ PROFILE_SETTINGS = {
     "cpu": dict(data="digits", channels=32, epochs=30, batch_size=128, train_subset=None, test_subset=None),
     "gpu": dict(data="mnist", channels=64, epochs=20, batch_size=128, train_subset=None, test_subset=None),
 }
+PROFILE_SETTINGS["colab"] = PROFILE_SETTINGS["cpu"]  # the cpu profile's sizes, on a GPU
 
 
 #: The ``cnf`` model's profiles: training samples, epochs, per-rank batch, hidden widths.
@@ -51,6 +52,7 @@ CNF_SETTINGS = {
     "cpu": dict(n_train=20_000, n_test=5_000, epochs=3, batch_size=256, hidden=(64, 64, 64)),
     "gpu": dict(n_train=200_000, n_test=20_000, epochs=20, batch_size=1024, hidden=(64, 64, 64)),
 }
+CNF_SETTINGS["colab"] = CNF_SETTINGS["cpu"]
 
 
 class NegativeLogLikelihood(nn.Module):
@@ -80,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m neuralode.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", choices=["mlp", "resnet", "rknet", "odenet", "cnf"])
     parser.add_argument("--data", default=None, help="cnf only: one of neuralode.data.TOY_DENSITIES (8gaussians)")
-    parser.add_argument("--profile", default="auto", help="smoke, cpu, gpu or auto (gpu when CUDA is present)")
+    parser.add_argument("--profile", default="auto", help="smoke, cpu, colab, gpu or auto (colab when CUDA is present, else cpu)")
     parser.add_argument("--epochs", type=int, help="override the profile's number of epochs")
     parser.add_argument("--batch-size", type=int, help="per rank; the global batch is this times the ranks")
     parser.add_argument("--lr", type=float, default=None, help="0.1 (SGD) for classifiers, 1e-3 (Adam) for cnf")

@@ -2,7 +2,9 @@
 
 ``fit`` is the one training loop of the book: seeded, with a progress bar showing loss and NFE,
 evaluation after every epoch, a checkpoint every epoch, and resume from it that reproduces the
-uninterrupted run exactly (a Colab disconnect loses at most one epoch). The same call runs under
+uninterrupted run exactly (a Colab disconnect loses at most one epoch; :func:`checkpoint_dir` puts
+the checkpoints on Google Drive when it is mounted, since Colab wipes its local disk when it
+recycles a runtime). The same call runs under
 ``torchrun`` on several processes (see :mod:`neuralode.distributed`).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,17 +26,20 @@ from torch import nn
 from . import distributed
 
 __all__ = ["PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
-           "fit", "evaluate", "History"]
+           "checkpoint_dir", "fit", "evaluate", "History"]
 
 #: The run profiles: ``smoke`` (CI, seconds), ``cpu`` (the rendered book on a laptop, minutes),
-#: ``gpu`` (paper scale, chosen automatically when CUDA is present).
-PROFILES = ("smoke", "cpu", "gpu")
+#: ``colab`` (the ``cpu`` profile's sizes, on the GPU where a chapter uses one; chosen automatically
+#: when CUDA is present, so that a free Colab GPU runs each chapter in minutes and shows the rendered
+#: book's numbers), ``gpu`` (paper scale, opt-in: tens of minutes to hours per chapter).
+PROFILES = ("smoke", "cpu", "colab", "gpu")
 
 
 def resolve_profile(profile: str) -> str:
     """Turn a chapter's ``PROFILE`` setting into one of :data:`PROFILES`.
 
-    ``"auto"`` gives ``"gpu"`` when CUDA is available and ``"cpu"`` otherwise.
+    ``"auto"`` gives ``"colab"`` when CUDA is available and ``"cpu"`` otherwise; the paper-scale
+    ``"gpu"`` profile is never chosen for you.
 
     Raises:
         ValueError: for any other name, listing the valid ones.
@@ -42,7 +48,7 @@ def resolve_profile(profile: str) -> str:
         raise TypeError(f"resolve_profile: profile must be a string, got {type(profile).__name__}.")
     name = profile.strip().lower()
     if name == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
+        return "colab" if torch.cuda.is_available() else "cpu"
     if name not in PROFILES:
         raise ValueError(f"resolve_profile: unknown profile {profile!r}; choose 'auto' or one of "
                          f"{', '.join(PROFILES)} (set it with the NEURALODE_PROFILE environment variable).")
@@ -52,6 +58,46 @@ def resolve_profile(profile: str) -> str:
 def default_device() -> torch.device:
     """CUDA when it is available, else the CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+#: Where Colab mounts Google Drive (``drive.mount("/content/drive")``); NEURALODE_DRIVE overrides it.
+DRIVE = "/content/drive/MyDrive"
+
+
+def checkpoint_dir(name: str, local: Union[str, os.PathLike] = "checkpoints") -> Path:
+    """The folder where a chapter keeps its checkpoints: on Google Drive when it is mounted, else local.
+
+    Colab wipes ``/content`` when it recycles a runtime, and a checkpoint there is lost with it; one
+    on Drive survives. With Drive mounted (the folder ``/content/drive/MyDrive``, or the one the
+    ``NEURALODE_DRIVE`` environment variable names, exists) this is
+    ``<Drive>/neuralode-checkpoints/<name>``, and checkpoints
+    already written to the local folder ``<local>/<name>`` (say, before Drive was mounted) are copied
+    there first, unless Drive has a file of that name: training resumes from either. Without Drive
+    it is ``<local>/<name>``. The folder is created.
+
+    Args:
+        name: a folder name for the chapter or run, e.g. ``"04_odenet_classifier"``.
+        local: the local folder (relative to the working directory, or absolute).
+
+    Raises:
+        ValueError: ``name`` is empty or not a single folder name.
+    """
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise ValueError(f"checkpoint_dir: name must be one folder name such as '04_odenet_classifier'; got {name!r}.")
+    here = Path(local) / name
+    drive = Path(os.environ.get("NEURALODE_DRIVE", DRIVE))
+    if not drive.is_dir():
+        here.mkdir(parents=True, exist_ok=True)
+        return here
+    there = drive / "neuralode-checkpoints" / name
+    there.mkdir(parents=True, exist_ok=True)
+    if here.is_dir():
+        for file in sorted(here.iterdir()):
+            if file.is_file() and not (there / file.name).exists():
+                tmp = there / (file.name + ".partial")
+                shutil.copyfile(file, tmp)
+                os.replace(tmp, there / file.name)  # never leave a half-copied checkpoint behind
+    return there
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -300,6 +300,6 @@ def test_chapter_header_states_run_time_per_profile(notebook: Path):
         return  # appendix pages state their own
     title = nbformat.read(notebook, as_version=4).cells[0].source
     line = next((l for l in title.splitlines() if l.startswith("**Run time.**")), None)
-    assert line, f"{notebook.name}: the title cell needs a '**Run time.**' line (smoke, cpu, gpu)"
-    for profile in ("`smoke`", "`cpu`", "`gpu`"):
+    assert line, f"{notebook.name}: the title cell needs a '**Run time.**' line (smoke, cpu, colab, gpu)"
+    for profile in ("`smoke`", "`cpu`", "`colab`", "`gpu`"):
         assert profile in line, f"{notebook.name}: the run-time line does not mention {profile}"

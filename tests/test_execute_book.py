@@ -34,6 +34,22 @@ def test_every_chapter_states_a_cpu_run_time_the_scheduler_can_read():
     assert minutes["07_latent_ode"] > minutes["08_poisson"]
 
 
+def test_cell_timeout_follows_the_profile(monkeypatch):
+    # make book on a CUDA machine runs "auto" = colab; the paper-scale gpu profile trains for hours
+    # in one cell and must not be cut off at the cpu profile's 600 s.
+    tool = _tool()
+    assert tool.cell_timeout("smoke", 600) == tool.cell_timeout("cpu", 600) == 600
+    assert tool.cell_timeout("colab", 600) == 1200
+    assert tool.cell_timeout("gpu", 600) is None
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert tool.cell_timeout("auto", 600) == 1200
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert tool.cell_timeout("auto", 600) == 600
+    with pytest.raises(ValueError, match="unknown profile"):
+        tool.cell_timeout("fast", 600)
+
+
 def _book(tmp: Path, cells: dict[str, str]) -> None:
     (tmp / "book").mkdir()
     (tmp / "_config.yml").write_text("execute:\n  timeout: 60\n")

@@ -5,8 +5,13 @@ it reads them. Most chapters train small models with one thread, so on a machine
 half of it would wait. ``make book`` therefore runs this script first: it puts every notebook of
 ``_toc.yml`` that the cache does not already hold into jupyter-cache's project and executes them
 with ``--jobs`` worker processes (default: the number of cores), exactly as ``jupyter-book build``
-would (a temporary working directory per notebook, ``execute.timeout`` from ``_config.yml``, errors
-not allowed), and caches the results. The build then finds every notebook in the cache.
+would (a temporary working directory per notebook, errors not allowed), and caches the results. The
+build then finds every notebook in the cache.
+
+The cell timeout follows the run profile (``NEURALODE_PROFILE``, resolved as the chapters resolve it):
+``_config.yml``'s ``execute.timeout`` for ``smoke`` and ``cpu``, twice that for ``colab`` (a slower
+free GPU, or its CPU), and none for ``gpu``, whose paper-scale cells train for an hour or more (they
+checkpoint every epoch). So ``make book`` also passes on a CUDA machine, where ``auto`` means ``colab``.
 
 Notebooks start longest first, by the seconds each took the last time it ran here (kept in
 ``_build/.execution-seconds.json``, which outlives the cache) or else by the ``cpu`` run time its
@@ -68,7 +73,15 @@ def stated_seconds(notebook: Path) -> float:
     return 0.0
 
 
-def _execute(cache_dir: str, pk: int, timeout: int) -> tuple[int, float, str | None]:
+def cell_timeout(profile: str, configured: int) -> int | None:
+    """Seconds one cell may run in ``profile`` (a name or ``auto``); None: no limit."""
+    import neuralode
+
+    name = neuralode.resolve_profile(profile)
+    return {"smoke": configured, "cpu": configured, "colab": 2 * configured, "gpu": None}[name]
+
+
+def _execute(cache_dir: str, pk: int, timeout: int | None) -> tuple[int, float, str | None]:
     """Worker: execute project notebook ``pk`` in a temporary directory and cache it.
     Returns (pk, seconds, traceback or None)."""
     from jupyter_cache import get_cache
@@ -107,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     from jupyter_cache import get_cache
 
     config = yaml.safe_load((root / "_config.yml").read_text(encoding="utf-8")).get("execute", {})
-    timeout = int(config.get("timeout", 30))
+    profile = os.environ.get("NEURALODE_PROFILE", "auto")
+    timeout = cell_timeout(profile, int(config.get("timeout", 30)))
     cache = get_cache(str(cache_dir))
     todo = {}
     for notebook in toc_notebooks(root):
@@ -123,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
     order = sorted(todo, key=lambda pk: -timings.get(todo[pk].name, stated_seconds(todo[pk])))
-    print(f"execute_book: {len(order)} notebook(s), {args.jobs} at a time: "
+    print(f"execute_book: profile {profile}, cell timeout {f'{timeout} s' if timeout else 'none'}; "
+          f"{len(order)} notebook(s), {args.jobs} at a time: "
           + ", ".join(todo[pk].stem for pk in order), flush=True)
     failed = {}
     start = time.perf_counter()
