@@ -115,6 +115,49 @@ def test_misplaced_hidden_checks_are_refused(tmp_path: Path, tags, message):
         course.master_notebook(path)
 
 
+def test_otter_imports_are_found_in_code_and_nowhere_else():
+    md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
+    nb = nbformat.v4.new_notebook(cells=[
+        md("import otter"),  # prose
+        code("# the grader also compares C(lam)\nimport numpy as np\nx = 'import otter'\nimport otterly"),
+        code("import otter\ngrader = otter.Notebook('ch.ipynb')"),  # otter's init cell
+        code("%pip install -q otter-grader\nif True:\n    from otter.test_files import test_case"),
+        code("import os, otter.api as api"),
+        code("def unfinished(:\n    pass\nfrom otter import Notebook"),  # not Python yet
+        code("from . import otter_free"),
+    ])
+    assert course.otter_imports(nb) == [2, 3, 4, 5]
+
+
+def _kernel(nb):
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def test_student_notebooks_need_no_otter_and_the_build_says_when_they_would(tmp_path: Path, monkeypatch):
+    """Students open their notebooks where otter-grader is not installed (Colab lacks it): otter assign
+    must add no otter cell, and `make student` refuses a student notebook that imports otter."""
+    path = tmp_path / "00_one.ipynb"
+    nbformat.write(_kernel(_one_exercise("check", "hidden-check")), path)
+    monkeypatch.setattr(course, "chapters", lambda: [path])
+    assert course.build_student_edition(tmp_path / "course") == ["00_one"]
+    student = nbformat.read(tmp_path / "course" / "student" / path.name, as_version=4)
+    assert "assert x == 1  # check" in "\n".join(c.source for c in student.cells)
+    assert course.otter_imports(student) == []
+
+    master_notebook = course.master_notebook
+
+    def with_otters_init_cell(chapter):  # what otter assign writes with its default config
+        nb = master_notebook(chapter)
+        assert "init_cell: false" in nb.cells[0].source
+        nb.cells[0].source = nb.cells[0].source.replace("init_cell: false", "init_cell: true")
+        return nb
+
+    monkeypatch.setattr(course, "master_notebook", with_otters_init_cell)
+    with pytest.raises(RuntimeError, match="00_one.ipynb imports otter .*Colab lacks it"):
+        course.build_student_edition(tmp_path / "course")
+
+
 def test_every_checked_exercise_hides_its_reference():
     """A visible check says whether a student is on the right track; the comparison with the
     answer is the grader's (a hidden check), so that copying a check cell cannot pass it."""
@@ -159,6 +202,7 @@ def test_every_chapter_becomes_an_assignment(edition: Path):
         assert len(labels) >= 3, f"{chapter.name}: a chapter ends with at least three exercises"
         student = nbformat.read(edition / "student" / chapter.name, as_version=4)
         assert student.metadata[course.CHAPTER_KEY] == chapter.stem
+        assert course.otter_imports(student) == [], f"{chapter.name}: the student notebook needs otter-grader"
         # Every exercise with a check cell is an autograded question of the same name.
         assert set(student.metadata["otter"]["tests"]) <= set(labels)
         # The autograder holds every hidden check, as a hidden test.

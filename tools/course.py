@@ -19,6 +19,7 @@ exercise: the exercise is the prompt, the solution cells its solution block, the
 tests), runs ``otter assign``, and collects
 
     OUT/student/NN_chapter.ipynb        to hand out: solutions replaced by prompts, visible checks kept
+                                        (plain cells: the notebook needs no otter-grader, e.g. on Colab)
     OUT/autograder/NN_chapter.zip       otter's autograder for the chapter (visible and hidden tests)
     OUT/solutions/NN_chapter.ipynb      otter's solution notebook (the book's code)
     OUT/html/index.html                 the book as HTML without solutions or hidden checks
@@ -152,6 +153,8 @@ def master_notebook(chapter: Path) -> nbformat.NotebookNode:
     """The chapter as an otter-assign master notebook (otter's v1 format)."""
     nb = nbformat.read(chapter, as_version=4)
     raw = nbformat.v4.new_raw_cell
+    # No otter cells (init, check, check-all, export) for the student: the student notebooks run where
+    # otter-grader is not installed, on Colab too (build_student_edition checks it: otter_imports).
     config = {"name": chapter.stem, "init_cell": False, "check_all_cell": False, "export_cell": False,
               "run_tests": False, "solutions_pdf": False, "generate": {"pdf": False, "filtering": False},
               "tests": {"ok_format": False}}
@@ -224,6 +227,31 @@ def _otter(*args: str, cwd: Path, env=None) -> subprocess.CompletedProcess:
     return result
 
 
+def otter_imports(nb) -> list[int]:
+    """The indices of the code cells that import otter-grader (``import otter``, ``from otter ...``).
+
+    A student notebook has none: students open it where otter-grader is not installed (Colab lacks
+    it), and need none, since their checks are plain cells; only ``make student`` and ``make grade``
+    run otter. Cells are read as IPython reads them, so a magic such as ``%pip`` is no error.
+    """
+    from IPython.core.inputtransformer2 import TransformerManager
+
+    found = []
+    for k, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        source = TransformerManager().transform_cell(cell.source)
+        try:
+            nodes = list(ast.walk(ast.parse(source)))
+            modules = [alias.name for node in nodes if isinstance(node, ast.Import) for alias in node.names]
+            modules += [node.module or "" for node in nodes if isinstance(node, ast.ImportFrom)]
+        except SyntaxError:  # a cell a student has yet to complete: read its import lines
+            modules = re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, flags=re.M)
+        if any(m == "otter" or m.startswith("otter.") for m in modules):
+            found.append(k)
+    return found
+
+
 def build_student_edition(out: Path) -> list[str]:
     """Write OUT/student, OUT/autograder and OUT/solutions for every chapter; return the chapter stems."""
     out = out.resolve()  # otter runs in another working directory
@@ -240,6 +268,13 @@ def build_student_edition(out: Path) -> list[str]:
             _otter("assign", "-v", str(master), str(dist), cwd=out / "masters")
             student = dist / "student" / chapter.name
             nb = nbformat.read(student, as_version=4)
+            uses = otter_imports(nb)
+            if uses:
+                raise RuntimeError(
+                    f"otter assign's student notebook of {chapter.name} imports otter (cell {uses[0]}), which "
+                    "students do not have (Colab lacks it): keep otter's init, check, check-all and export cells "
+                    "off in master_notebook's assignment config (students run the check cells themselves), or "
+                    "give the notebook a cell that installs otter-grader where it is missing")
             nb.metadata[CHAPTER_KEY] = chapter.stem
             nbformat.write(nb, out / "student" / chapter.name)
             shutil.copy(dist / "autograder" / chapter.name, out / "solutions" / chapter.name)
@@ -483,7 +518,7 @@ def main(argv=None) -> int:
     g = sub.add_parser("grade", help="grade a folder of submitted notebooks")
     g.add_argument("submissions", type=Path)
     g.add_argument("--course", type=Path, default=ROOT / "_build" / "course")
-    g.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "gpu"])
+    g.add_argument("--profile", default="smoke", choices=["smoke", "cpu", "colab", "gpu"])
     g.add_argument("--jobs", type=int, default=1, help="notebooks graded at once")
     g.add_argument("--timeout", type=float, default=600, help="seconds one notebook may run (default 600)")
     g.add_argument("--table", type=Path, default=None, help="CSV to write (default SUBMISSIONS/scores.csv)")
