@@ -47,6 +47,7 @@ book: $(STAMP)
 	@$(DROP_STALE_CACHE)
 	$(BIN)/python tools/execute_book.py $(if $(BOOK_JOBS),--jobs $(BOOK_JOBS))
 	$(BIN)/jupyter-book build . --keep-going
+	$(BIN)/python tools/downloads.py --html _build/html  # the download button's notebooks carry the library
 	@echo "The book: $(CURDIR)/_build/html/index.html"
 
 test: $(STAMP)
