@@ -10,6 +10,9 @@ and the untouched student edition zero; `make grade` survives a real class folde
 from __future__ import annotations
 
 import ast
+import base64
+import io
+import re
 import csv
 import shutil
 import subprocess
@@ -81,7 +84,8 @@ def test_malformed_exercises_are_reported(tmp_path: Path):
 def _one_exercise(*tail_tags: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
-    nb.cells = [md("# T"), md("```{exercise} E\n:label: ch0-ex-e\n\nDo it.\n```"),
+    nb.cells = [md("# T"), code('REPOSITORY_URL = ""', metadata={"tags": ["remove-input", "setup"]}),
+                md("```{exercise} E\n:label: ch0-ex-e\n\nDo it.\n```"),
                 md("```{solution-start} ch0-ex-e\n:class: dropdown\n```"),
                 code("x = 1", metadata={"tags": ["solution"]}), md("```{solution-end}\n```")]
     nb.cells += [code(f"assert x == 1  # {tag}", metadata={"tags": [tag]}) for tag in tail_tags]
@@ -144,6 +148,11 @@ def test_student_notebooks_need_no_otter_and_the_build_says_when_they_would(tmp_
     student = nbformat.read(tmp_path / "course" / "student" / path.name, as_version=4)
     assert "assert x == 1  # check" in "\n".join(c.source for c in student.cells)
     assert course.otter_imports(student) == []
+    # ... and it carries the library: its setup cell installs the wheel it embeds where neuralode is missing
+    (setup,) = [c for c in student.cells if "setup" in c.metadata.get("tags", [])]
+    (call,) = re.findall(r'^install_neuralode\("(neuralode-[^"]+\.whl)", "([A-Za-z0-9+/=]+)"\)$', setup.source, re.M)
+    with zipfile.ZipFile(io.BytesIO(base64.b64decode(call[1]))) as wheel:
+        assert "neuralode/_odeint.py" in wheel.namelist()
 
     master_notebook = course.master_notebook
 

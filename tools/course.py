@@ -19,7 +19,8 @@ exercise: the exercise is the prompt, the solution cells its solution block, the
 tests), runs ``otter assign``, and collects
 
     OUT/student/NN_chapter.ipynb        to hand out: solutions replaced by prompts, visible checks kept
-                                        (plain cells: the notebook needs no otter-grader, e.g. on Colab)
+                                        (plain cells: the notebook needs no otter-grader, e.g. on Colab);
+                                        its setup cell carries the library's wheel (tools/downloads.py)
     OUT/autograder/NN_chapter.zip       otter's autograder for the chapter (visible and hidden tests)
     OUT/solutions/NN_chapter.ipynb      otter's solution notebook (the book's code)
     OUT/html/index.html                 the book as HTML without solutions or hidden checks
@@ -252,6 +253,17 @@ def otter_imports(nb) -> list[int]:
     return found
 
 
+def _downloads():
+    """tools/downloads.py (the wheel a downloaded notebook carries), loaded by path: this file is
+    also loaded by path, by the tests, with tools/ not on sys.path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("neuralode_book_downloads", Path(__file__).with_name("downloads.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def build_student_edition(out: Path) -> list[str]:
     """Write OUT/student, OUT/autograder and OUT/solutions for every chapter; return the chapter stems."""
     out = out.resolve()  # otter runs in another working directory
@@ -260,6 +272,9 @@ def build_student_edition(out: Path) -> list[str]:
     for sub in ("student", "autograder", "solutions", "masters"):
         (out / sub).mkdir(parents=True)
     stems = []
+    # The student notebooks carry the library, as the book's downloads do (tools/downloads.py): on
+    # Colab the setup cell installs it from this wheel; where neuralode is installed (grading) it does nothing.
+    wheel = _downloads().build_wheel(out / "wheel")
     for chapter in chapters():
         master = out / "masters" / chapter.name
         nbformat.write(master_notebook(chapter), master)
@@ -275,6 +290,7 @@ def build_student_edition(out: Path) -> list[str]:
                     "students do not have (Colab lacks it): keep otter's init, check, check-all and export cells "
                     "off in master_notebook's assignment config (students run the check cells themselves), or "
                     "give the notebook a cell that installs otter-grader where it is missing")
+            nb = _downloads().embed_wheel(nb, wheel, name=f"the student notebook of {chapter.name}")
             nb.metadata[CHAPTER_KEY] = chapter.stem
             nbformat.write(nb, out / "student" / chapter.name)
             shutil.copy(dist / "autograder" / chapter.name, out / "solutions" / chapter.name)
