@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import ast
 import base64
+import csv
 import io
 import re
-import csv
 import shutil
 import subprocess
 import sys
