@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 # Extra arguments for pytest, e.g. `make test PYTEST_ARGS="-m 'not notebooks'"`.
 PYTEST_ARGS ?=
 
-.PHONY: book test bench student grade colab-check clean help
+.PHONY: book test bench student grade colab-check gpu-check-wheels clean help
 .DEFAULT_GOAL := help
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make student  write the student notebooks, the autograders and the book's HTML without solutions into _build/course"
 	@echo "make grade SUBMISSIONS=dir  grade a folder of submitted notebooks (runs students' code!); writes dir/scores.csv"
 	@echo "make colab-check  install the library beside Colab's torch 2.11 on Python 3.13 and run its tests and chapter 1 there (downloads a second torch)"
+	@echo "make gpu-check-wheels  download the wheels tools/gpu_check.py carries to a GPU machine (_build/gpu-wheels, under 60 MB)"
 	@echo "make clean  remove _build (the virtual environment .venv stays)"
 
 $(BIN)/python:
@@ -85,3 +86,7 @@ colab-check:
 
 clean:
 	rm -rf _build
+
+# The wheels tools/gpu_check.py installs on a GPU machine without network (README: Checking a GPU).
+gpu-check-wheels: $(STAMP)
+	$(BIN)/python tools/gpu_check.py --fetch-wheels _build/gpu-wheels

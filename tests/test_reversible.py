@@ -94,7 +94,7 @@ def test_second_order_convergence_against_a_closed_form():
     assert 1.8 < order < 2.2, f"observed order {order:.2f}"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dtype_and_device_follow_y0(dtype, device):
     func, y0 = _model(dtype, device), torch.randn(4, 3, dtype=dtype, device=device)
