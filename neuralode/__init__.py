@@ -5,8 +5,8 @@ The public API, re-exported here and nothing else.
 
 import importlib as _importlib
 
-from . import (adjoint, cnf, data, densities, distributed, events, exercises, flows, images, latent, ledger, nets,
-               poisson, stats, training)
+from . import (adjoint, cnf, data, densities, distributed, events, exercises, flows, images, latent, ledger,
+               matching, nets, poisson, stats, training)
 from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .events import odeint_event
@@ -35,7 +35,7 @@ __all__ = [
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",
     "checkpoint_dir", "fit", "evaluate", "History",
-    "adjoint", "cnf", "data", "densities", "distributed", "events", "exercises", "flows", "images", "latent", "ledger", "nets", "plotting", "poisson", "stats",
+    "adjoint", "cnf", "data", "densities", "distributed", "events", "exercises", "flows", "images", "latent", "ledger", "matching", "nets", "plotting", "poisson", "stats",
     "training",
 ]
 
