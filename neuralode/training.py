@@ -2,7 +2,7 @@
 
 ``fit`` is the one training loop of the book: seeded, with a progress bar showing loss and NFE,
 evaluation after every epoch, a checkpoint every epoch, and resume from it that reproduces the
-uninterrupted run exactly (a Colab disconnect loses at most one epoch; :func:`checkpoint_dir` puts
+uninterrupted run exactly (a Colab disconnect loses at most one epoch; ``checkpoint_dir`` puts
 the checkpoints on Google Drive when it is mounted, since Colab wipes its local disk when it
 recycles a runtime). The same call runs under
 ``torchrun`` on several processes (see :mod:`neuralode.distributed`).
