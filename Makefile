@@ -61,6 +61,7 @@ QUICK     ?=
 bench: $(STAMP)
 	$(BIN)/python benchmarks/speed.py --out "$(BENCH_OUT)" $(if $(QUICK),--repeats 1)
 	$(BIN)/python benchmarks/work_precision.py --out "$(BENCH_OUT)" $(if $(QUICK),--quick)
+	$(BIN)/python benchmarks/sampling.py --out "$(BENCH_OUT)" $(if $(QUICK),--quick)
 	@echo "Results: $(abspath $(BENCH_OUT))/"
 
 # The course edition: otter-grader's assign over every chapter, and the book's HTML without

@@ -12,12 +12,17 @@ The trace costs :math:`D` vector-Jacobian products exactly, or one with Hutchins
 :math:`\mathbb{E}[\epsilon\epsilon^\top] = I` (Grathwohl et al. 2019, FFJORD), or none at all when
 the dynamics know their own divergence in closed form (``trace="analytic"``, e.g.
 :class:`GatedPlanarDynamics`: :math:`O(MD)` per evaluation for :math:`M` hidden units).
+
+RNODE (Finlay et al. 2020) regularizes the dynamics with two more integrals carried in the same
+augmented state, the kinetic energy and the Jacobian's squared Frobenius norm
+(:meth:`CNF.log_prob_and_penalties`, :class:`RNODETerms`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import numbers
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +32,7 @@ from ._random import randn
 from .adjoint import odeint_adjoint
 
 __all__ = ["divergence_exact", "divergence_hutchinson", "hutchinson_variance", "sample_noise", "CNF", "ConcatSquashLinear",
-           "CNFDynamics", "GatedPlanarDynamics", "standard_normal_log_prob"]
+           "CNFDynamics", "GatedPlanarDynamics", "RNODETerms", "standard_normal_log_prob"]
 
 TRACES = ("exact", "hutchinson", "analytic")
 NOISES = ("rademacher", "gaussian")
@@ -63,6 +68,16 @@ def divergence_hutchinson(f_out: Tensor, z: Tensor, noise: Tensor) -> Tensor:
     """
     vjp = torch.autograd.grad(f_out, z, grad_outputs=noise, create_graph=True)[0]
     return (vjp * noise).sum(dim=1)
+
+
+def _divergence_and_frobenius_exact(f_out: Tensor, z: Tensor) -> tuple:
+    """``(tr J, ||J||_F^2)`` per example, ``(B,)`` each, from the ``D`` rows of :math:`J = \\partial f/\\partial z`
+    that :func:`divergence_exact` computes (one VJP per row); differentiable."""
+    trace, frobenius = 0, 0
+    for i in range(z.shape[1]):
+        row = torch.autograd.grad(f_out[:, i].sum(), z, create_graph=True, retain_graph=True)[0]
+        trace, frobenius = trace + row[:, i], frobenius + (row**2).sum(dim=1)
+    return trace, frobenius
 
 
 def hutchinson_variance(A: Tensor, kind: str = "rademacher") -> Tensor:
@@ -116,19 +131,23 @@ def standard_normal_log_prob(z: Tensor) -> Tensor:
 
 
 class _Augmented(nn.Module):
-    """``(z, s) -> (f(t, z), tr df/dz)``: the CNF's state with its accumulated trace.
+    """``(z, s) -> (f(t, z), tr df/dz)``: the CNF's state with its accumulated trace; with
+    ``penalties``, ``(z, s, e, j) -> (f, tr df/dz, ||f||^2, ||df/dz||_F^2)``, RNODE's integrands
+    (the last one exact for ``trace="exact"``, else Hutchinson's :math:`\\|\\epsilon^\\top J\\|^2`).
 
-    ``noise`` (``(B, D)``, Hutchinson's trace only) belongs to one solve: :meth:`CNF._solve` builds
-    a fresh ``_Augmented`` around the shared ``dynamics`` for every solve, and the adjoint keeps
-    that object for its backward pass.
+    ``noise`` (``(B, D)``, Hutchinson's trace, or the Jacobian penalty with the analytic trace)
+    belongs to one solve: :meth:`CNF._solve` builds a fresh ``_Augmented`` around the shared
+    ``dynamics`` for every solve, and the adjoint keeps that object for its backward pass.
     """
 
-    def __init__(self, dynamics: nn.Module, trace: str, noise: Optional[Tensor] = None):
+    def __init__(self, dynamics: nn.Module, trace: str, noise: Optional[Tensor] = None, penalties: bool = False):
         super().__init__()
-        self.dynamics, self.trace, self.noise = dynamics, trace, noise
+        self.dynamics, self.trace, self.noise, self.penalties = dynamics, trace, noise, penalties
 
     def forward(self, t: Tensor, state):
         z = state[0]
+        if self.penalties:
+            return self._with_penalties(t, z)
         if self.trace == "analytic":
             # The dynamics' own closed form: no autograd call, so no graph unless training needs one.
             both = getattr(self.dynamics, "forward_with_divergence", None)
@@ -144,6 +163,62 @@ class _Augmented(nn.Module):
                 div = divergence_hutchinson(dz, z, self.noise)
         return dz, div
 
+    def _with_penalties(self, t: Tensor, z: Tensor) -> tuple:
+        with torch.enable_grad():
+            z = z if z.requires_grad else z.detach().requires_grad_(True)
+            if self.trace == "exact":
+                dz = self.dynamics(t, z)
+                div, frobenius = _divergence_and_frobenius_exact(dz, z)
+            else:
+                if self.trace == "analytic":
+                    both = getattr(self.dynamics, "forward_with_divergence", None)
+                    dz, div = both(t, z) if both is not None else (self.dynamics(t, z), self.dynamics.divergence(t, z))
+                else:
+                    dz = self.dynamics(t, z)
+                # eps^T J: Hutchinson's trace is (eps^T J) eps, and E||eps^T J||^2 = ||J||_F^2 (E[eps eps^T] = I).
+                vjp = torch.autograd.grad(dz, z, grad_outputs=self.noise, create_graph=True)[0]
+                if self.trace == "hutchinson":
+                    div = (vjp * self.noise).sum(dim=1)
+                frobenius = (vjp**2).sum(dim=1)
+        return dz, div, (dz**2).sum(dim=1), frobenius
+
+
+class RNODETerms(NamedTuple):
+    r"""What :meth:`CNF.log_prob_and_penalties` returns, each ``(B,)``: :math:`\log p(x)` and RNODE's
+
+    .. math::
+
+        E(x) = \int_{t_0}^{t_1} \|f(z(t), t)\|^2\,dt, \qquad
+        J(x) = \int_{t_0}^{t_1} \Big\|\frac{\partial f}{\partial z}(z(t), t)\Big\|_F^2\,dt
+
+    along the path :math:`z(t)` through :math:`z(t_1) = x` (Finlay et al. 2020, whose :math:`[0, T]`
+    is our :math:`[t_0, t_1]`): both are integrals over the interval, positive whichever way it is
+    solved. :math:`J` is exact with ``trace="exact"`` (from the :math:`D` rows the trace
+    already needs) and otherwise Hutchinson's unbiased :math:`\int \|\epsilon^\top \partial f/\partial z\|^2 dt`
+    with the solve's noise (the trace's own with ``trace="hutchinson"``: one VJP serves both).
+    """
+
+    log_prob: Tensor
+    kinetic: Tensor
+    jacobian: Tensor
+
+    def loss(self, kinetic_weight: float, jacobian_weight: float) -> Tensor:
+        r"""RNODE's objective, per-example means: :math:`-\overline{\log p} + \lambda_K \bar E + \lambda_J \bar J`.
+
+        The weights multiply the integrals as defined above. RNODE's code (ffjord-rnode) integrates
+        :math:`\tfrac12\|f\|^2/D` and :math:`\|\epsilon^\top J\|^2/D` instead, so its weight
+        ``--kinetic-energy l`` is ``kinetic_weight = l / (2D)`` here, and its weight
+        ``--jacobian-norm2 l`` is ``jacobian_weight = l / D``.
+        """
+        for name, value in (("kinetic_weight", kinetic_weight), ("jacobian_weight", jacobian_weight)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < math.inf):
+                raise ValueError(f"RNODETerms.loss: {name} must be a finite number >= 0 (0 switches that "
+                                 f"penalty off), got {value!r}.")
+        return -self.log_prob.mean() + kinetic_weight * self.kinetic.mean() + jacobian_weight * self.jacobian.mean()
+
+
+#: The error scale of RNODE's accumulators: so large that they never decide a step (see CNF._solve).
+_UNCONTROLLED = 1e20
 
 #: The settings of a :class:`CNF` besides its dynamics, as :meth:`CNF.with_` accepts them.
 _SETTINGS = ("t0", "t1", "trace", "noise", "method", "rtol", "atol", "options", "adjoint")
@@ -162,6 +237,8 @@ class CNF(nn.Module):
         method, rtol, atol, options: the solver, passed to :func:`neuralode.odeint` (and, with the
             adjoint, used for the backward solve too).
         adjoint: gradients by :func:`neuralode.odeint_adjoint` (O(1) memory) or backprop.
+
+    :meth:`log_prob_and_penalties` adds RNODE's kinetic and Jacobian penalties to the same solve.
 
     Attributes:
         nfe: function evaluations of the last solve.
@@ -214,20 +291,32 @@ class CNF(nn.Module):
     def backward_nfe(self) -> int:
         return getattr(self.stats, "backward_nfe", 0)
 
-    def _solve(self, z: Tensor, times: list):
-        """Solve the augmented state ``(z, s)``, ``z: (B, D)``, ``s(times[0]) = 0``, over ``times``."""
+    def _solve(self, z: Tensor, times: list, penalties: bool = False):
+        """Solve the augmented state ``(z, s)``, ``z: (B, D)``, ``s(times[0]) = 0``, over ``times``;
+        with ``penalties``, also RNODE's two integrals over the interval (positive in either direction)."""
         trace = self.trace
-        noise = sample_noise(z, self.noise) if trace == "hutchinson" else None
+        noisy = trace == "hutchinson" or (penalties and trace == "analytic")
+        noise = sample_noise(z, self.noise) if noisy else None
         # The noise travels with this solve's own function object, not the module: the adjoint's
         # backward evaluates that object again, so a log_prob/transform/sample called before
         # backward() (a validation batch, a sample) must not swap the noise under this gradient.
-        func = _Augmented(self.dynamics, trace, noise)
+        func = _Augmented(self.dynamics, trace, noise, penalties)
         s = torch.zeros(z.shape[0], dtype=z.dtype, device=z.device)
         solver = odeint_adjoint if self.adjoint else odeint
-        (zs, ss), self.stats = solver(func, (z, s), times, method=self.method, rtol=self.rtol, atol=self.atol,
-                                      options=self.options, return_stats=True)
+        state, atol = (z, s), self.atol
+        if penalties:
+            # As RNODE's code: the accumulators never decide a step (the error norm is the worst
+            # part's), so a solve takes the same steps, and gives the same (z, s), with or without them.
+            state = (z, s, torch.zeros_like(s), torch.zeros_like(s))
+            atol = (*(self.atol if isinstance(self.atol, tuple) else (self.atol, self.atol)),
+                    _UNCONTROLLED, _UNCONTROLLED)
+        out, self.stats = solver(func, state, times, method=self.method, rtol=self.rtol, atol=atol,
+                                 options=self.options, return_stats=True)
         self.nfe = self.stats.nfe
-        return zs[-1], ss[-1]
+        if not penalties:
+            return out[0][-1], out[1][-1]
+        direction = 1.0 if times[-1] >= times[0] else -1.0  # int over [t1 -> t0] is minus the integral
+        return out[0][-1], out[1][-1], direction * out[2][-1], direction * out[3][-1]
 
     def inverse_transform(self, x: Tensor) -> tuple:
         """Carry data ``(B, D)`` from ``t1`` back to ``t0``: returns ``(z0, s0)``, ``(B, D)`` and ``(B,)``,
@@ -243,6 +332,25 @@ class CNF(nn.Module):
         """:math:`\\log p(x)`: ``(B, D)`` to ``(B,)``, solving from the data at ``t1`` back to ``t0``."""
         z0, s0 = self.inverse_transform(x)
         return standard_normal_log_prob(z0) + s0
+
+    def log_prob_and_penalties(self, x: Tensor) -> RNODETerms:
+        r""":math:`\log p(x)` with RNODE's penalties (Finlay et al. 2020) along the same solve, each ``(B,)``.
+
+        The kinetic energy :math:`E = \int_{t_0}^{t_1} \|f\|^2 dt` and the Jacobian norm
+        :math:`J = \int_{t_0}^{t_1} \|\partial f/\partial z\|_F^2 dt` join the augmented state (see
+        :class:`RNODETerms`); train on ``terms.loss(kinetic_weight, jacobian_weight)``. The extra
+        cost is small: no evaluation of ``f`` and no VJP is added with ``trace="hutchinson"``
+        (``J`` reuses the trace's VJP) or ``"exact"`` (``J`` from the same ``D`` rows); with
+        ``"analytic"`` one VJP per evaluation, with Hutchinson noise drawn for the solve.
+        The accumulators are left out of the step-size control, as in RNODE's code, so the solve
+        takes the same steps, and ``log_prob`` equals :meth:`log_prob`'s for the same noise.
+        Time is not rescaled: :math:`E` and :math:`J` are integrals over :math:`[t_0, t_1]` as
+        given (RNODE fixes its end time; solving over :math:`[0, cT]` with ``f/c`` divides both by ``c``).
+        """
+        if x.dim() != 2:
+            raise ValueError(f"CNF: x must have shape (batch, dim), got {tuple(x.shape)}.")
+        z0, s0, kinetic, jacobian = self._solve(x, [self.t1, self.t0], penalties=True)
+        return RNODETerms(standard_normal_log_prob(z0) + s0, kinetic, jacobian)
 
     def transform(self, z0: Tensor) -> tuple:
         """Carry base samples ``(B, D)`` from ``t0`` to ``t1``: returns ``(x, log p(x))``."""
