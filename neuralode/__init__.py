@@ -11,7 +11,7 @@ from ._odeint import METHODS, SolverStats, odeint
 from .adjoint import AdjointStats, odeint_adjoint
 from .events import odeint_event
 from .reversible import ReversibleStats, odeint_reversible
-from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, divergence_exact,
+from .cnf import (CNF, CNFDynamics, ConcatSquashLinear, GatedPlanarDynamics, RNODETerms, divergence_exact,
                   divergence_hutchinson)
 from .flows import PlanarFlow
 from .latent import LatentODE, PoissonLatentODE, RecognitionRNN, RNNBaseline
@@ -30,7 +30,7 @@ __all__ = [
     "odeint", "odeint_adjoint", "odeint_event", "odeint_reversible", "METHODS", "SolverStats", "AdjointStats", "ReversibleStats", "ButcherTableau", "RosenbrockTableau", "TABLEAUS",
     "ConcatLinear", "MLPDynamics", "ODEBlock", "Augment", "ConcatConv2d", "ConvODEFunc", "ResBlock", "TiedResNet",
     "make_classifier", "count_parameters",
-    "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "divergence_exact",
+    "CNF", "CNFDynamics", "ConcatSquashLinear", "GatedPlanarDynamics", "RNODETerms", "divergence_exact",
     "divergence_hutchinson", "PlanarFlow", "poisson_log_likelihood", "compensator", "simulate_thinning",
     "LatentODE", "PoissonLatentODE", "RecognitionRNN", "RNNBaseline",
     "PROFILES", "resolve_profile", "default_device", "seed_everything", "saved_tensor_bytes",

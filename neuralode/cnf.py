@@ -15,7 +15,7 @@ the dynamics know their own divergence in closed form (``trace="analytic"``, e.g
 
 RNODE (Finlay et al. 2020) regularizes the dynamics with two more integrals carried in the same
 augmented state, the kinetic energy and the Jacobian's squared Frobenius norm
-(:meth:`CNF.log_prob_and_penalties`, :class:`RNODETerms`).
+(:meth:`neuralode.CNF.log_prob_and_penalties`, :class:`neuralode.RNODETerms`).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ class _Augmented(nn.Module):
 
 
 class RNODETerms(NamedTuple):
-    r"""What :meth:`CNF.log_prob_and_penalties` returns, each ``(B,)``: :math:`\log p(x)` and RNODE's
+    r"""What :meth:`neuralode.CNF.log_prob_and_penalties` returns, each ``(B,)``: :math:`\log p(x)` and RNODE's
 
     .. math::
 
@@ -338,7 +338,7 @@ class CNF(nn.Module):
 
         The kinetic energy :math:`E = \int_{t_0}^{t_1} \|f\|^2 dt` and the Jacobian norm
         :math:`J = \int_{t_0}^{t_1} \|\partial f/\partial z\|_F^2 dt` join the augmented state (see
-        :class:`RNODETerms`); train on ``terms.loss(kinetic_weight, jacobian_weight)``. The extra
+        :class:`neuralode.RNODETerms`); train on ``terms.loss(kinetic_weight, jacobian_weight)``. The extra
         cost is small: no evaluation of ``f`` and no VJP is added with ``trace="hutchinson"``
         (``J`` reuses the trace's VJP) or ``"exact"`` (``J`` from the same ``D`` rows); with
         ``"analytic"`` one VJP per evaluation, with Hutchinson noise drawn for the solve.
