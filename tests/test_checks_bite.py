@@ -253,6 +253,28 @@ MUTATIONS = [
         stop_at='assert step_gap < 1e-12, "the scratch Rosenbrock step',
         caught_by=re.escape("the scratch Rosenbrock step and the library's rodas4 step differ"),
     ),
+    Mutation(
+        name="matching-velocity-sign",
+        chapter="10_flow_matching",
+        bug="Every affine conditional path returns its velocity with the wrong sign, u_t = -(da x0 + db x1) "
+            "(neuralode.matching.AffinePath.__call__): the point x_t, the coefficients and the shapes are unchanged, "
+            "so the loss still trains a field, the wrong one.",
+        code="""
+            from neuralode import matching
+
+            _call = matching.AffinePath.__call__
+
+            def flipped(self, x0, x1, t, eps=None):
+                x_t, u_t = _call(self, x0, x1, t, eps)
+                return x_t, -u_t
+
+            matching.AffinePath.__call__ = flipped
+        """,
+        # The first check to fail is the from-scratch loss against flow_matching_loss on the same draws.
+        # The closing claims on the toy models would catch it too, after the whole chapter.
+        stop_at='assert loss_gap < 1e-10, f"the scratch and library flow-matching losses differ',
+        caught_by=re.escape("the scratch and library flow-matching losses differ by"),
+    ),
 ]
 
 SITECUSTOMIZE = '''\
