@@ -123,3 +123,16 @@ REFERENCE_PROBLEMS = [
     # Lorenz on a short span: chaos amplifies every error, so only a short window is a fair test.
     ReferenceProblem("lorenz", _lorenz, (1.0, 1.0, 1.0), 2.0),
 ]
+
+
+class LinearDynamics(torch.nn.Module):
+    """f(t, z) = A z, ``z: (B, D)``: a CNF dynamics whose flow (z(t) = e^{A (t - t1)} x), density and RNODE
+    integrals have closed forms."""
+
+    def __init__(self, A: torch.Tensor):
+        super().__init__()
+        self.A = torch.nn.Parameter(A)
+        self.dim = A.shape[0]
+
+    def forward(self, t, z):
+        return z @ self.A.T

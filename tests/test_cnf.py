@@ -8,15 +8,7 @@ from neuralode.cnf import (CNF, CNFDynamics, GatedPlanarDynamics, divergence_exa
                            sample_noise, standard_normal_log_prob)
 from neuralode.flows import PlanarFlow, PlanarLayer
 
-
-class Linear(torch.nn.Module):
-    def __init__(self, A):
-        super().__init__()
-        self.A = torch.nn.Parameter(A)
-        self.dim = A.shape[0]
-
-    def forward(self, t, z):
-        return z @ self.A.T
+from problems import LinearDynamics
 
 
 @pytest.mark.parametrize("trace", ["exact", "hutchinson"])
@@ -27,7 +19,7 @@ def test_linear_flow_matches_the_closed_form(trace):
     A = torch.randn(3, 3, dtype=torch.float64) * 0.5
     if trace == "hutchinson":
         A = torch.diag(torch.diag(A))
-    cnf = CNF(Linear(A), t1=1.5, trace=trace, rtol=1e-10, atol=1e-10, adjoint=False)
+    cnf = CNF(LinearDynamics(A), t1=1.5, trace=trace, rtol=1e-10, atol=1e-10, adjoint=False)
     x = torch.randn(5, 3, dtype=torch.float64)
     expected = standard_normal_log_prob(x @ torch.linalg.matrix_exp(-1.5 * A).T) - 1.5 * torch.trace(A)
     assert torch.allclose(cnf.log_prob(x), expected, atol=1e-8)

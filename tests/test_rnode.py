@@ -10,17 +10,7 @@ from neuralode._odeint import odeint
 from neuralode.cnf import (CNF, CNFDynamics, GatedPlanarDynamics, RNODETerms, divergence_hutchinson,
                            standard_normal_log_prob)
 
-
-class Linear(torch.nn.Module):
-    """f(t, z) = A z: along the path z(t) = e^{A (t - t1)} x, so E and J have closed forms."""
-
-    def __init__(self, A):
-        super().__init__()
-        self.A = torch.nn.Parameter(A)
-        self.dim = A.shape[0]
-
-    def forward(self, t, z):
-        return z @ self.A.T
+from problems import LinearDynamics
 
 
 def kinetic_closed_form(A: torch.Tensor, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
@@ -52,7 +42,7 @@ def test_linear_field_penalties_equal_the_closed_forms_with_the_exact_trace(dtyp
     A = (0.6 * torch.randn(3, 3, generator=gen, dtype=torch.float64)).to(dtype)
     x = torch.randn(5, 3, generator=gen, dtype=torch.float64).to(dtype)
     tol = 1e-10 if dtype == torch.float64 else 1e-6
-    cnf = CNF(Linear(A), t0=t0, t1=t1, trace="exact", rtol=tol, atol=tol, adjoint=False)
+    cnf = CNF(LinearDynamics(A), t0=t0, t1=t1, trace="exact", rtol=tol, atol=tol, adjoint=False)
     terms = cnf.log_prob_and_penalties(x)
     assert isinstance(terms, RNODETerms)
     assert all(v.shape == (5,) and v.dtype == dtype for v in terms)
@@ -78,7 +68,7 @@ def test_hutchinson_jacobian_penalty_is_unbiased_and_the_kinetic_energy_exact(no
     torch.manual_seed(0)
     A = 0.6 * torch.randn(3, 3, dtype=torch.float64)
     x = torch.randn(4000, 3, dtype=torch.float64)
-    cnf = CNF(Linear(A), t0=t0, t1=t1, trace="hutchinson", noise=noise, rtol=1e-9, atol=1e-9, adjoint=False)
+    cnf = CNF(LinearDynamics(A), t0=t0, t1=t1, trace="hutchinson", noise=noise, rtol=1e-9, atol=1e-9, adjoint=False)
     terms = cnf.log_prob_and_penalties(x)
     expected = (A**2).sum().item() * abs(t1 - t0)
     stderr = terms.jacobian.std().item() / math.sqrt(len(x))
