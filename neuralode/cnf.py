@@ -196,6 +196,9 @@ class RNODETerms(NamedTuple):
     solved. :math:`J` is exact with ``trace="exact"`` (from the :math:`D` rows the trace
     already needs) and otherwise Hutchinson's unbiased :math:`\int \|\epsilon^\top \partial f/\partial z\|^2 dt`
     with the solve's noise (the trace's own with ``trace="hutchinson"``: one VJP serves both).
+    Unbiased up to the solver's error: the adaptive steps, and so the quadrature nodes of both
+    integrals, are chosen by an error control that sees the (noisy) trace accumulator, so they depend
+    weakly on the noise; test unbiasedness at a tight tolerance or with fixed steps.
     """
 
     log_prob: Tensor

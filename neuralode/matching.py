@@ -24,6 +24,7 @@ the same gradient (Lipman et al. 2023, Theorem 2), so :func:`flow_matching_loss`
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Union
 
 import torch
@@ -84,7 +85,7 @@ class LinearPath(AffinePath):
     """
 
     def __init__(self, sigma_min: float = 0.0):
-        if not 0.0 <= sigma_min < 1.0:
+        if not isinstance(sigma_min, numbers.Real) or not 0.0 <= sigma_min < 1.0:
             raise ValueError(f"LinearPath: sigma_min must be in [0, 1), got {sigma_min!r}.")
         self.sigma_min = float(sigma_min)
 
@@ -101,7 +102,7 @@ class GaussianPath(AffinePath):
     """
 
     def __init__(self, sigma: float = 0.1):
-        if not (sigma >= 0.0 and math.isfinite(sigma)):
+        if not isinstance(sigma, numbers.Real) or not (sigma >= 0.0 and math.isfinite(sigma)):
             raise ValueError(f"GaussianPath: sigma must be finite and >= 0, got {sigma!r}.")
         self.sigma = float(sigma)
 
@@ -176,10 +177,17 @@ def flow_matching_loss(field: Callable, x0: Tensor, x1: Tensor, path: AffinePath
     elif not isinstance(t, Tensor) or t.shape != (batch,):
         raise ValueError(f"flow_matching_loss: t must be a tensor of shape ({batch},), one time per example, "
                          f"got {getattr(t, 'shape', t)!r}.")
+    elif bool(((t < 0) | (t > 1) | t.isnan()).any()):
+        raise ValueError("flow_matching_loss: t must lie in [0, 1] (0 is the noise end, 1 the data end), got "
+                         f"values from {t.min().item():.4g} to {t.max().item():.4g}.")
     t = t.to(dtype=x0.dtype, device=x0.device)
     eps = randn(x0.shape, x0, generator) if path.sigma > 0 else None
     x_t, u_t = path(x0, x1, t, eps)
     v = torch.vmap(lambda ti, xi: field(ti, xi.unsqueeze(0)).squeeze(0))(t, x_t)
+    if v.shape != u_t.shape:
+        # A (B, 1) output would broadcast against (B, D) and give a finite, meaningless loss.
+        raise ValueError(f"flow_matching_loss: the field returned shape {tuple(v.shape[1:])} per example, expected "
+                         f"{tuple(u_t.shape[1:])} (the state's shape): field(t, x) must return a tensor shaped like x.")
     return (v - u_t).pow(2).reshape(batch, -1).sum(dim=1).mean()
 
 

@@ -60,6 +60,10 @@ def test_paths_refuse_bad_settings():
         fm.LinearPath(1.0)
     with pytest.raises(ValueError, match="sigma"):
         fm.GaussianPath(-0.1)
+    with pytest.raises(ValueError, match="GaussianPath: sigma"):
+        fm.GaussianPath("0.1")  # a string: named, not a bare TypeError from the comparison
+    with pytest.raises(ValueError, match="LinearPath: sigma_min"):
+        fm.LinearPath(None)
     with pytest.raises(ValueError, match="std0 and std1 must be positive"):
         fm.gaussian_marginal_field(fm.LinearPath(), 0.0, 1.0, 2.0, torch.tensor([0.5, 0.0]))
 
@@ -100,6 +104,15 @@ def test_loss_refuses_bad_input():
         fm.flow_matching_loss(field, x0, x1[:3], fm.LinearPath())
     with pytest.raises(ValueError, match=r"shape \(4,\)"):
         fm.flow_matching_loss(field, x0, x1, fm.LinearPath(), t=torch.rand(4, 1))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        fm.flow_matching_loss(field, x0, x1, fm.LinearPath(), t=torch.full((4,), 5.0))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        fm.flow_matching_loss(field, x0, x1, fm.LinearPath(), t=torch.tensor([0.5, float("nan"), 0.5, 0.5]))
+    # A field returning (1, 1) per call for a 2-D state would broadcast to a finite, meaningless loss.
+    with pytest.raises(ValueError, match=r"returned shape \(1,\) per example, expected \(2,\)"):
+        fm.flow_matching_loss(lambda t, x: x.sum(1, keepdim=True), x0, x1, fm.LinearPath())
+    # The ends of [0, 1] are allowed.
+    assert torch.isfinite(fm.flow_matching_loss(field, x0, x1, fm.LinearPath(), t=torch.tensor([0.0, 1.0, 0.0, 1.0])))
 
 
 @pytest.mark.parametrize("name", PATHS)
@@ -145,6 +158,24 @@ def test_marginal_field_flow_is_the_affine_map_between_the_gaussians(name, dtype
     expected = (a1 + r1 / r0 * (x0.cpu().double() - a0)).to(device, dtype)
     assert x1.dtype == dtype and x1.device == x0.device
     assert torch.allclose(x1, expected, atol=50 * tol), (x1 - expected).abs().max()
+
+
+@pytest.mark.parametrize("t", [0.2, 0.5, 0.8])
+def test_cosine_marginal_field_is_the_probability_flow_drift(t):
+    # CosinePath's docstring: u_t(x) = (b_t'/b_t)(x + grad log p_t(x)), the variance-preserving diffusion's
+    # probability-flow drift. Between N(0, 1) and N(m1, s1^2) the marginal p_t is N(m_t, s_t^2), with score
+    # -(x - m_t)/s_t^2; the exact marginal field must equal the drift built from it.
+    m1, s1 = torch.tensor([2.0, -1.0], dtype=torch.float64), torch.tensor([0.5, 1.5], dtype=torch.float64)
+    path = fm.CosinePath()
+    field = fm.gaussian_marginal_field(path, 0.0, 1.0, m1, s1)
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, b, _, db = path.coefficients(tt)
+    m_t, s_t = b * m1, torch.sqrt(a**2 + b**2 * s1**2)
+    drift = db / b * (x - (x - m_t) / s_t**2)
+    assert torch.allclose(field(tt, x), drift, atol=1e-12, rtol=1e-12)
+    # A sign error in the score term (x - s) would be far off.
+    assert not torch.allclose(field(tt, x), db / b * (x + (x - m_t) / s_t**2), atol=1e-2)
 
 
 @pytest.mark.parametrize("name", ["linear", "cosine"])
