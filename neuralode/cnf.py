@@ -208,10 +208,12 @@ class RNODETerms(NamedTuple):
     def loss(self, kinetic_weight: float, jacobian_weight: float) -> Tensor:
         r"""RNODE's objective, per-example means: :math:`-\overline{\log p} + \lambda_K \bar E + \lambda_J \bar J`.
 
-        The weights multiply the integrals as defined above. RNODE's code (ffjord-rnode) integrates
-        :math:`\tfrac12\|f\|^2/D` and :math:`\|\epsilon^\top J\|^2/D` instead, so its weight
-        ``--kinetic-energy l`` is ``kinetic_weight = l / (2D)`` here, and its weight
-        ``--jacobian-norm2 l`` is ``jacobian_weight = l / D``.
+        The weights multiply the integrals as defined above, against a log-likelihood in nats summed
+        over the :math:`D` dimensions. RNODE's code (ffjord-rnode's ``train.py``) integrates
+        :math:`\tfrac12\|f\|^2/D` and :math:`\|\epsilon^\top J\|^2/D` instead and adds them to
+        bits per dimension, :math:`-\log p / (D \ln 2)`; multiplying its objective by :math:`D \ln 2`
+        gives this one, so its ``--kinetic-energy l`` is ``kinetic_weight = l ln(2) / 2`` here and its
+        ``--jacobian-norm2 l`` is ``jacobian_weight = l ln(2)``.
         """
         for name, value in (("kinetic_weight", kinetic_weight), ("jacobian_weight", jacobian_weight)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (0 <= value < math.inf):
