@@ -145,11 +145,14 @@ def combine(y: Optional[Tensor], h: float, weights: Sequence[float], ks: Sequenc
 
 
 def check_finite(y: Tensor, what: str, t: float) -> None:
+    """Raise a ``FloatingPointError`` naming ``t`` (also its attribute ``t``) if ``y`` is not finite."""
     if not bool(torch.isfinite(y).all()):
-        raise FloatingPointError(
+        error = FloatingPointError(
             f"odeint: the {what} became non-finite (NaN or inf) at t={t:.6g}. Check the dynamics "
             "for overflow or division by zero, or use a smaller step size / tighter tolerance."
         )
+        error.t = t
+        raise error
 
 
 class Step:
@@ -380,7 +383,7 @@ class StepControl:
     def finish(self, outputs: Tensor, t_out: Sequence[float]) -> None:
         """Raise if an output is not finite (accepted steps are, but dense output may overflow);
         one synchronisation per solve."""
-        _check_outputs(outputs, t_out, lambda bad: t_out[bad])
+        _check_outputs(outputs, t_out)
 
 
 class FixedSteps:
@@ -390,14 +393,23 @@ class FixedSteps:
     to ``t_N`` (generated as it is used, so ``t_N`` may be infinite: an event search); or
     ``options["grid"](t_out)``, a list (the front door's wrapping of ``grid_constructor``). Outputs in between come
     from the stepper's dense output. With ``options["perturb"]`` every grid point is treated as a jump
-    of ``f`` (see :func:`integrate`). Nothing is read back to the host while stepping: a per-step
-    finiteness flag stays on the device, and :meth:`finish` looks at the outputs once, naming the
-    first step whose state was not finite.
+    of ``f`` (see :func:`integrate`).
+
+    Nothing is checked while stepping (no per-step host synchronisation, no per-step kernel): a state
+    that is not finite stays so, entry by entry, in every later step (each step is ``y`` plus an
+    increment, and ``inf`` or NaN plus anything is not finite), and the last output is the last step's
+    state, so :meth:`finish` checking the outputs once (one synchronisation) sees every non-finite
+    state. Only when that check fails is the time found: :func:`integrate` re-runs the solve with
+    ``checked=True``, which checks each step's state as it is made and raises at the first that is not
+    finite, naming its end time. The re-run repeats every evaluation of ``func`` (only on this failing
+    path, and without the hooks): a random or stateful ``func`` sees them (it draws more random numbers,
+    its counters count them), and if the re-run does not reproduce the non-finite state between the
+    last finite output time and the first non-finite one, the error names that interval instead.
     """
 
     adaptive = False
 
-    def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats):
+    def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats, checked: bool = False):
         t0, t1 = t_out[0], t_out[-1]
         self.direction = 1.0 if t1 >= t0 else -1.0
         self.step_size = options["step_size"]
@@ -415,7 +427,13 @@ class FixedSteps:
                 f"from {t0:.6g} to {t1:.6g} has {self.n_steps} steps. Raise options['max_num_steps'] or the step size.")
         self.perturb = bool(options.get("perturb", False))
         self.index, self.stats = 0, stats
-        self.finite: List[Tensor] = []
+        self.options, self.t_out, self.checked = options, t_out, checked
+        # Nothing to decide or check per step: integrate() may run its short loop.
+        self.plain = not (self.perturb or checked or math.isinf(self.n_steps))
+
+    def rechecked(self) -> "FixedSteps":
+        """A fresh controller for the same solve that checks every step's state (the locating re-run)."""
+        return FixedSteps(self.options, self.t_out, SolverStats(), checked=True)
 
     def point(self, i: int) -> float:
         """The ``i``-th grid point."""
@@ -437,8 +455,8 @@ class FixedSteps:
         return self.perturb and t1 != self.t_end
 
     def judge(self, step: Step) -> float:
-        with torch.no_grad():
-            self.finite.append(torch.isfinite(step.y1).all())
+        if self.checked:  # the locating re-run (see the class docstring): one synchronisation per step
+            check_finite(step.y1, "solution", step.t1)
         return 0.0
 
     def accept(self, ratio: float, t1: float) -> float:
@@ -454,11 +472,18 @@ class FixedSteps:
         raise AssertionError("a fixed-step method does not retry steps")
 
     def finish(self, outputs: Tensor, t_out: Sequence[float]) -> None:
-        def first_bad_step(bad: int) -> float:
-            flags = torch.stack(self.finite).logical_not().nonzero().flatten().tolist() if self.finite else []
-            return self.point(flags[0] + 1) if flags else t_out[bad]
-
-        _check_outputs(outputs, t_out, first_bad_step)
+        """Raise if an output is not finite: in the re-run (every step's state was finite, so an
+        output inside a step overflowed), naming its time; else :class:`Unlocated`, naming the
+        interval it became non-finite in, for :func:`integrate` to locate by re-running."""
+        if self.checked:
+            _check_outputs(outputs, t_out)
+        elif not _all_finite(outputs):
+            bad = max(_first_non_finite(outputs, len(t_out)), 1)  # y0 not finite: so is the first step
+            # The step whose state went non-finite ends after t_out[bad - 1] and no later than the
+            # step containing t_out[bad] (an output inside a step uses the step's end state and stages).
+            end = next(p for p in map(self.point, range(1, self.n_steps + 1))
+                       if (p - t_out[bad]) * self.direction >= 0)
+            raise Unlocated(t_out[bad - 1], t_out[bad], end)
 
 
 class ReplaySteps(FixedSteps):
@@ -475,6 +500,7 @@ class ReplaySteps(FixedSteps):
 
     def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats, ends: Sequence[float]):
         super().__init__({"step_size": None, "grid": None, "max_num_steps": None, "perturb": False}, t_out, stats)
+        self.ends, self.jump_options = ends, options
         if not ends or ends[-1] != t_out[-1]:
             raise ValueError(f"replay: the step ends must finish at t_out[-1] = {t_out[-1]!r}, got "
                              f"{list(ends)[-3:]!r}")
@@ -486,13 +512,48 @@ class ReplaySteps(FixedSteps):
     def is_jump(self, t1: float) -> bool:
         return t1 in self.jumps
 
+    def rechecked(self) -> "ReplaySteps":
+        control = ReplaySteps(self.jump_options, self.t_out, SolverStats(), self.ends)
+        control.checked = True
+        return control
 
-def _check_outputs(outputs: Tensor, t_out: Sequence[float], where: Callable[[int], float]) -> None:
-    with torch.no_grad():
-        finite = torch.isfinite(outputs.reshape(len(t_out), -1)).all(dim=1)
-        if not bool(finite.all()):
-            bad = int((~finite).nonzero()[0])
-            check_finite(outputs[bad], "solution", where(bad))
+
+class Unlocated(FloatingPointError):
+    """A fixed-step solve's output is not finite, and the step where its state became non-finite is
+    not known yet: the outputs did so after ``t_a`` (the last finite output time) and by ``t_b``, so
+    the step ends after ``t_a`` and by ``end`` (the end of the step containing ``t_b``)."""
+
+    def __init__(self, t_a: float, t_b: float, end: float):
+        super().__init__(
+            f"odeint: the solution became non-finite (NaN or inf) between t={t_a:.6g} and t={t_b:.6g}; re-running "
+            "the solve with a check at every step did not reproduce it there (are the dynamics random or "
+            "stateful?). Check the dynamics for overflow or division by zero, or use a smaller step size.")
+        self.t_a, self.end = t_a, end
+
+    def explains(self, error: FloatingPointError) -> bool:
+        """Does ``error`` (from the re-run) name a time in ``(t_a, end]``?"""
+        t = getattr(error, "t", None)
+        return t is not None and min(self.t_a, self.end) <= t <= max(self.t_a, self.end) and t != self.t_a
+
+
+def _all_finite(outputs: Tensor) -> bool:
+    """Is every entry finite? One reduction and one synchronisation: a sum is NaN or inf when an entry
+    is (it may also overflow from finite entries; then the entries are looked at one by one)."""
+    total = outputs.detach().sum()
+    return math.isfinite(float(total)) or bool(torch.isfinite(outputs.detach()).all())
+
+
+def _first_non_finite(outputs: Tensor, n_out: int) -> int:
+    """The index of the first output (row of ``outputs``) with an entry that is not finite."""
+    finite = torch.isfinite(outputs.detach().reshape(n_out, -1)).all(dim=1)
+    return int((~finite).nonzero()[0])
+
+
+def _check_outputs(outputs: Tensor, t_out: Sequence[float]) -> None:
+    """Raise naming the first output time whose state is not finite; one synchronisation when all are."""
+    if not _all_finite(outputs):
+        bad = _first_non_finite(outputs, len(t_out))
+        check_finite(outputs[bad].detach(), "solution", t_out[bad])
 
 
 # ``hook(step, interpolate)``: ``interpolate(thetas)`` is the step's dense output at ``t + theta h``.
@@ -512,7 +573,10 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
     (``control.judge``: the error ratio, or 0 for a fixed step); if accepted, advance
     (``stepper.accept``), call each hook in ``on_accept``, and emit every output time
     in ``(t, t1]``: ``y1`` itself on an exact hit, else one batched ``stepper.dense`` call for all
-    the times inside the step. The steps never depend on the output times.
+    the times inside the step. The steps never depend on the output times. A :class:`FixedSteps`
+    solve to a finite time with no hooks and no ``perturb`` has nothing to propose, judge or
+    call: it runs a shorter loop (:func:`_fixed_loop`) that makes the same stepper calls in the same
+    order, so it computes the same numbers. Last, ``control.finish`` checks the outputs.
 
     Args:
         stepper: the method (see :class:`Stepper`).
@@ -529,16 +593,87 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
     Returns:
         The states at ``t_out``, stacked: shape ``(len(t_out), *S)``, with ``[0]`` equal to ``y0``.
     """
-    n_out = len(t_out)
-    if n_out == 1:
+    if len(t_out) == 1:
         return y0.unsqueeze(0)
+    if type(control) is FixedSteps and control.plain and not (on_accept or on_attempt or on_reject):
+        blocks = _fixed_loop(stepper, control, func, y0, t_out)
+    else:
+        blocks = _loop(stepper, control, func, y0, t_out, on_accept, on_attempt, on_reject)
+    # Each block is a state (an exact hit) or a dense output's (m, *S) stack of states.
+    if all(b.dim() == y0.dim() for b in blocks):
+        outputs = torch.stack(blocks)
+    else:
+        outputs = torch.cat([b if b.dim() > y0.dim() else b.unsqueeze(0) for b in blocks])
+    try:
+        control.finish(outputs, t_out)
+    except Unlocated as unlocated:
+        # A fixed-step solve went non-finite somewhere: re-run it with a check at every step, which
+        # raises naming the step's end time (see FixedSteps). Drop this solve's outputs (and their
+        # graph) first; if the re-run does not fail in the same interval, the error names the interval.
+        blocks = outputs = None
+        try:
+            integrate(stepper, control.rechecked(), func, y0, t_out)
+        except FloatingPointError as located:
+            if unlocated.explains(located):
+                raise located from None
+        raise unlocated from None
+    return outputs
+
+
+def _emit(stepper: Stepper, func: Dynamics, step: Step, t_out: Sequence[float], j: int, direction: float,
+          blocks: List[Tensor]) -> int:
+    """Append the outputs at the times ``t_out[j:]`` in ``(step.t, step.t1]`` to ``blocks``: ``step.y1``
+    on an exact hit, one batched dense output (shape ``(m, *S)``) for those inside; the index of the
+    next output time."""
+    t, t1, n_out = step.t, step.t1, len(t_out)
+    k = j
+    while k < n_out and (t_out[k] - t1) * direction <= 0:
+        k += 1
+    if k > j:  # outputs in (t, t1]
+        hit = t_out[k - 1] == t1
+        inside = k - 1 if hit else k
+        if inside > j:
+            blocks.append(stepper.dense(func, step, [(s - t) / step.h for s in t_out[j:inside]]))
+        if hit:
+            blocks.append(step.y1)
+    return k
+
+
+def _fixed_loop(stepper: Stepper, control: "FixedSteps", func: Dynamics, y0: Tensor,
+                t_out: Sequence[float]) -> List[Tensor]:
+    """:func:`_loop` for a :class:`FixedSteps` solve with ``control.plain`` and no hooks: every step
+    is accepted and nothing is checked, so each step is ``attempt``, ``accept`` and the outputs in
+    it. The output blocks (see :func:`_emit`), for :func:`integrate` to stack."""
+    direction, t_end, n_out, stats = control.direction, t_out[-1], len(t_out), control.stats
+    t, y = t_out[0], y0
+    stepper.start(func, t, y)
+    blocks = [y0]
+    j = 1
+    ends = [control.point(i) for i in range(1, control.n_steps + 1)]
+    for t1 in ends:
+        step = stepper.attempt(func, t, y, t1)
+        stepper.accept(func, step, t1 == t_end, None)
+        if j < n_out and (t_out[j] - t1) * direction <= 0:
+            j = _emit(stepper, func, step, t_out, j, direction, blocks)
+        t, y = t1, step.y1
+    control.index = len(ends)
+    stats.n_accepted += len(ends)
+    stats.step_times.extend(ends)
+    return blocks
+
+
+def _loop(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequence[float],
+          on_accept: Sequence[AcceptHook], on_attempt: Sequence[StepHook], on_reject: Sequence[StepHook]
+          ) -> List[Tensor]:
+    """:func:`integrate`'s loop: the output blocks (see :func:`_emit`), for it to stack."""
+    n_out = len(t_out)
     direction = control.direction
     t_end = t_out[-1]
     t, y = t_out[0], y0
     # With perturb (fixed steps), even the first step sees f just after t_0.
     f0 = stepper.start(func, math.nextafter(t, t_end) if control.perturb else t, y)
     h = control.first_step(func, t, y, f0)
-    blocks = [y0.unsqueeze(0)]
+    blocks = [y0]
     j = 1
     while j < n_out:
         h, t1 = control.next_step(t, h)
@@ -570,23 +705,11 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
             stepper.accept(func, step, t1 == t_end, math.nextafter(t1, t_end) if jump and t1 != t_end else None)
             for hook in on_accept:
                 hook(step, lambda thetas, step=step: stepper.dense(func, step, thetas))
-            k = j
-            while k < n_out and (t_out[k] - t1) * direction <= 0:
-                k += 1
-            if k > j:  # outputs in (t, t1]
-                hit = t_out[k - 1] == t1
-                inside = k - 1 if hit else k
-                if inside > j:
-                    blocks.append(stepper.dense(func, step, [(s - t) / step.h for s in t_out[j:inside]]))
-                if hit:
-                    blocks.append(step.y1.unsqueeze(0))
-                j = k
+            j = _emit(stepper, func, step, t_out, j, direction, blocks)
             t, y = t1, step.y1
             h = h * control.accept(ratio, t1)
         else:
             for hook in on_reject:
                 hook(t, y, t1 - t)
             h = h * control.reject(ratio)
-    outputs = torch.cat(blocks)
-    control.finish(outputs, t_out)
-    return outputs
+    return blocks

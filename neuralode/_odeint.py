@@ -47,7 +47,7 @@ def _check_times(t) -> list:
     if isinstance(t, Tensor):
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"odeint: t must hold real numbers, got dtype {t.dtype}.")
-        times = t.detach().to("cpu", torch.float64)
+        times = t if t.is_floating_point() else t.to(torch.float64)  # a float's own value is exact in float64
     else:
         try:
             times = torch.as_tensor(t, dtype=torch.float64)
@@ -55,9 +55,9 @@ def _check_times(t) -> list:
             raise TypeError(f"odeint: t must be a 1-D tensor or sequence of numbers ({exc}).") from None
     if times.dim() != 1 or times.numel() == 0:
         raise ValueError(f"odeint: t must be 1-D with at least one time, got shape {tuple(times.shape)}.")
-    if not bool(torch.isfinite(times).all()):
+    times = times.tolist()  # Python floats (float64); the checks below run on the host, without kernels
+    if not all(map(math.isfinite, times)):
         raise ValueError("odeint: t contains NaN or inf; give finite output times.")
-    times = times.tolist()
     if len(times) > 1:
         steps = [b - a for a, b in zip(times[:-1], times[1:])]
         if not (all(s > 0 for s in steps) or all(s < 0 for s in steps)):
@@ -201,9 +201,46 @@ class _Solver(NamedTuple):
     options: dict
 
 
+# Validated solvers by their arguments, when those are plain values (see _plain_key): a sampling loop
+# that calls odeint with the same arguments again and again validates them once.
+_SOLVERS: dict = {}
+_PLAIN = frozenset((str, float, int, bool, type(None)))
+
+
+def _plain_key(method, rtol, atol, options, prefix: str):
+    """A key that determines :func:`_check_solver`'s result, or ``None`` when an argument is not a
+    plain number, string or ``None`` (a tensor tolerance can change in place; a callable option is
+    not worth it). The key holds the numbers' types: ``True == 1 == 1.0``, but only some of them are
+    valid. (An option name that is not a string is never valid, so it never finds a key.)"""
+    if options is None:
+        items, types = (), ()
+    elif type(options) is dict:
+        items, types = tuple(options.items()), tuple(map(type, options.values()))
+    else:
+        return None
+    key = (prefix, method, type(rtol), rtol, type(atol), atol, items, types)
+    plain = _PLAIN.issuperset(types) and type(method) in _PLAIN and type(rtol) in _PLAIN and type(atol) in _PLAIN
+    return key if plain else None
+
+
 def _check_solver(method, rtol, atol, options, prefix: str = "") -> _Solver:
     """Check a method name, its tolerances and options; ``prefix`` names the arguments
-    (``"adjoint_"`` for the adjoint's backward solve)."""
+    (``"adjoint_"`` for the adjoint's backward solve). Arguments that passed before, with the same
+    registry entry for the method, are not checked again (nothing that fails is remembered)."""
+    key = _plain_key(method, rtol, atol, options, prefix)
+    if key is not None:
+        solver = _SOLVERS.get(key)
+        if solver is not None and REGISTRY.get(DEFAULT_METHOD if method is None else method) is solver.method:
+            return _Solver(solver.method, solver.rtol, solver.atol, dict(solver.options))  # the caller may add to it
+    solver = _check_solver_uncached(method, rtol, atol, options, prefix)
+    if key is not None:
+        if len(_SOLVERS) >= 256:
+            _SOLVERS.clear()
+        _SOLVERS[key] = _Solver(solver.method, solver.rtol, solver.atol, dict(solver.options))
+    return solver
+
+
+def _check_solver_uncached(method, rtol, atol, options, prefix: str) -> _Solver:
     if method is None:  # torchdiffeq's spelling of the default method
         method = DEFAULT_METHOD
     if not isinstance(method, str) or method not in REGISTRY:
@@ -355,7 +392,11 @@ def odeint(
             autograd for its Jacobian: use ``torch.no_grad()``); when a gradient that cannot be
             differentiated twice is (see above).
         FloatingPointError: when the solution becomes NaN or inf (a step whose new state is not
-            finite is never accepted; the error names the time).
+            finite is never accepted; the error names the time). A fixed-step solve checks its
+            outputs once and, only when one is not finite, runs again with a check at every step to
+            name the time: a random or stateful ``func`` sees those evaluations too, and when the
+            second run does not go non-finite in the same place the error names the interval
+            between two output times instead (see ``neuralode._loop.FixedSteps``).
     """
     if event_fn is not None:
         return _search_event("odeint", func, y0, t, event_fn, return_stats, method=method, rtol=rtol, atol=atol,
@@ -373,7 +414,8 @@ def odeint(
             f0 = dynamics(setup.times[0], y_start)
         y_start = _TimeShift.apply(y_start, t[0], -f0)
     ys = solve(setup.method, dynamics, y_start, setup.times, rtol=setup.rtol, atol=setup.atol,
-               norm=setup.norm, options=setup.options, stats=stats, shape=setup.shape, **setup.callbacks())
+               norm=setup.norm if setup.method.adaptive else None, options=setup.options, stats=stats,
+               shape=setup.shape, **setup.callbacks())
     if time_grad:
         # y(t_i) moves along f as t_i moves: dy(t_i)/dt_i = f(t_i, y_i) for i >= 1; ys[0] is y0
         # itself, whatever t_0 (its gradient must not reach t_0).
@@ -606,7 +648,7 @@ class _Setup:
         for key, name in (("on_attempt", "callback_step"), ("on_accept", "callback_accept_step"),
                           ("on_reject", "callback_reject_step")):
             name += suffix
-            callback = getattr(self.func, name, None)
+            callback = _attribute(self.func, name)
             if callback is None:
                 continue
             if not callable(callback):
@@ -630,6 +672,22 @@ class _Setup:
         parts = tuple(chunk.reshape(len(ys), *shape)
                       for chunk, shape in zip(torch.split(stacked, self.sizes, dim=1), self.shapes))
         return parts if self.is_tuple else parts[0]
+
+
+_MODULE_GETATTR = torch.nn.Module.__getattr__
+
+
+def _attribute(obj, name: str):
+    """``getattr(obj, name, None)``. An ``nn.Module`` without the attribute answers through its
+    ``__getattr__``, which builds and raises an error (microseconds, three times per solve); when
+    the module's class keeps that ``__getattr__``, the places it and the normal lookup search are
+    looked at first, and only a name found there is fetched."""
+    if getattr(type(obj), "__getattr__", None) is _MODULE_GETATTR:
+        found = vars(obj)
+        if not (hasattr(type(obj), name) or name in found or name in found.get("_parameters", ())
+                or name in found.get("_buffers", ()) or name in found.get("_modules", ())):
+            return None
+    return getattr(obj, name, None)
 
 
 def _describe(value) -> str:
