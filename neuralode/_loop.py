@@ -498,9 +498,12 @@ class ReplaySteps(FixedSteps):
     solve took them (their stages see the left limit).
     """
 
-    def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats, ends: Sequence[float]):
-        super().__init__({"step_size": None, "grid": None, "max_num_steps": None, "perturb": False}, t_out, stats)
+    def __init__(self, options: dict, t_out: Sequence[float], stats: SolverStats, ends: Sequence[float],
+                 checked: bool = False):
+        super().__init__({"step_size": None, "grid": None, "max_num_steps": None, "perturb": False}, t_out, stats,
+                         checked)
         self.ends, self.jump_options = ends, options
+        self.plain = False  # a replay decides its jumps step by step (is_jump): integrate() runs the general loop
         if not ends or ends[-1] != t_out[-1]:
             raise ValueError(f"replay: the step ends must finish at t_out[-1] = {t_out[-1]!r}, got "
                              f"{list(ends)[-3:]!r}")
@@ -513,9 +516,7 @@ class ReplaySteps(FixedSteps):
         return t1 in self.jumps
 
     def rechecked(self) -> "ReplaySteps":
-        control = ReplaySteps(self.jump_options, self.t_out, SolverStats(), self.ends)
-        control.checked = True
-        return control
+        return ReplaySteps(self.jump_options, self.t_out, SolverStats(), self.ends, checked=True)
 
 
 class Unlocated(FloatingPointError):
@@ -595,7 +596,7 @@ def integrate(stepper: Stepper, control, func: Dynamics, y0: Tensor, t_out: Sequ
     """
     if len(t_out) == 1:
         return y0.unsqueeze(0)
-    if type(control) is FixedSteps and control.plain and not (on_accept or on_attempt or on_reject):
+    if isinstance(control, FixedSteps) and control.plain and not (on_accept or on_attempt or on_reject):
         blocks = _fixed_loop(stepper, control, func, y0, t_out)
     else:
         blocks = _loop(stepper, control, func, y0, t_out, on_accept, on_attempt, on_reject)

@@ -240,3 +240,24 @@ def test_a_non_finite_initial_state_names_the_first_step():
     with pytest.raises(FloatingPointError, match=r"at t=0\.25\."):
         node.odeint(lambda t, y: -y, torch.tensor([1.0, math.nan]), [0.0, 0.5, 1.0], method="rk4",
                     options={"step_size": 0.25})
+
+
+def test_a_replay_runs_the_general_loop_and_its_recheck_checks_every_step(fast_calls):
+    # ReplaySteps (the checkpointed adjoint's re-solve) decides its jumps step by step, so it is never
+    # `plain`; its locating re-run is built checked, and stays off the fast loop too.
+    from neuralode._methods import REGISTRY, solve
+
+    def f(t, y):
+        return -y
+
+    y0 = torch.ones(3, dtype=F64)
+    stats = node.SolverStats()
+    kwargs = dict(rtol=1e-6, atol=1e-8, norm=_loop.rms_norm, options=dict(REGISTRY["dopri5"].defaults))
+    ys = solve(REGISTRY["dopri5"], f, y0, [0.0, 1.0], stats=stats, **kwargs)
+    replayed = solve(REGISTRY["dopri5"], f, y0, [0.0, 1.0], stats=node.SolverStats(), replay=stats.step_times, **kwargs)
+    assert torch.equal(replayed, ys)
+    assert fast_calls == []
+    control = _loop.ReplaySteps({}, [0.0, 1.0], node.SolverStats(), stats.step_times)
+    again = control.rechecked()
+    assert not control.plain and not control.checked
+    assert again.checked and not again.plain and again.ends == stats.step_times
