@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 __all__ = ["nested_rings", "two_moons", "ImageData", "image_classification", "packaged_mnist", "TOY_DENSITIES",
+           "EIGHT_GAUSSIANS_MEANS", "EIGHT_GAUSSIANS_STD",
            "toy_density",
            "target_energy", "Spirals", "spirals"]
 
@@ -359,6 +360,15 @@ def image_classification(
 # --- 2-D densities: FFJORD's toy data sets and unnormalised target energies ---------------------
 
 
+_R = 1 / math.sqrt(2)
+_EIGHT_CENTERS = 4 * torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [_R, _R], [_R, -_R], [-_R, _R], [-_R, -_R]],
+                                  dtype=torch.float64)
+#: 8gaussians is the equal mixture of :math:`\mathcal N(\mu_k, s^2 I)` over these eight means ``(8, 2)``
+#: (float64; on a circle of radius 4/1.414), with ``s = EIGHT_GAUSSIANS_STD``: its density is known exactly.
+EIGHT_GAUSSIANS_MEANS = _EIGHT_CENTERS / 1.414
+EIGHT_GAUSSIANS_STD = 0.5 / 1.414
+
+
 def _toy_sample(name: str, n: int, g: torch.Generator) -> torch.Tensor:
     """``n`` points of a FFJORD toy density (float64), following the generating recipes of
     Grathwohl et al. (2019), written with torch's seeded generator."""
@@ -369,11 +379,8 @@ def _toy_sample(name: str, n: int, g: torch.Generator) -> torch.Tensor:
         return torch.rand(*shape, generator=g, dtype=torch.float64)
 
     if name == "8gaussians":
-        s = 1 / math.sqrt(2)
-        centers = 4 * torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [s, s], [s, -s], [-s, s], [-s, -s]],
-                                   dtype=torch.float64)
         which = torch.randint(0, 8, (n,), generator=g)
-        return (0.5 * randn(n, 2) + centers[which]) / 1.414
+        return (0.5 * randn(n, 2) + _EIGHT_CENTERS[which]) / 1.414  # see EIGHT_GAUSSIANS_MEANS
     if name == "2spirals":
         half = n // 2
         r = torch.sqrt(rand(n - half, 1)) * 540 * (2 * math.pi) / 360

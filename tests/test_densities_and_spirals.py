@@ -25,6 +25,18 @@ def test_toy_density_geometry():
     assert cell.eq(cell[0]).all()  # every point on squares of one colour
 
 
+def test_eight_gaussians_is_the_mixture_its_constants_describe():
+    # Chapter 10's exact density of 8gaussians is built from these constants: the sampler must draw from them.
+    x = data.toy_density("8gaussians", 40000, seed=3, dtype=torch.float64)
+    means, std = data.EIGHT_GAUSSIANS_MEANS, data.EIGHT_GAUSSIANS_STD
+    assert means.shape == (8, 2) and means.dtype == torch.float64
+    nearest = torch.cdist(x, means).argmin(dim=1)
+    offset = x - means[nearest]  # neighbouring means are 2.2 apart (6 std): the nearest is almost always its own
+    assert offset.mean(dim=0).abs().max().item() < 0.01
+    assert offset.std(dim=0).sub(std).abs().max().item() < 0.01 * std * 3
+    assert torch.bincount(nearest, minlength=8).double().div(len(x)).sub(1 / 8).abs().max().item() < 0.01
+
+
 def test_target_energies():
     z = torch.tensor([[2.0, 0.0], [0.0, 0.0], [1.0, 3.0]])
     u1 = data.target_energy("u1", z)
