@@ -366,6 +366,7 @@ _EIGHT_CENTERS = 4 * torch.tensor([[1, 0], [-1, 0], [0, 1], [0, -1], [_R, _R], [
 #: 8gaussians is the equal mixture of :math:`\mathcal N(\mu_k, s^2 I)` over these eight means ``(8, 2)``
 #: (float64; on a circle of radius 4/1.414), with ``s = EIGHT_GAUSSIANS_STD``: its density is known exactly.
 EIGHT_GAUSSIANS_MEANS = _EIGHT_CENTERS / 1.414
+#: The standard deviation ``s`` of each 8gaussians component (every coordinate): 0.5/1.414.
 EIGHT_GAUSSIANS_STD = 0.5 / 1.414
 
 
